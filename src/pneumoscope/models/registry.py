@@ -1,0 +1,85 @@
+"""One registry of model specs: adding an architecture is one :func:`register` call.
+
+A spec names the timm architecture, its hub weights tag, the layer a CAM should look at and,
+where one exists, a weight source that installs offline. Input size, mean and std come from
+timm's pretrained config (they are never retyped here); see :func:`preprocessing_for`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build, feed and explain one architecture."""
+
+    name: str
+    """Registry key, used on the command line (``--models densenet121,...``)."""
+    timm_name: str
+    """timm architecture, with the pretrained tag the hub weights come from."""
+    cam_layer: str
+    """Module name (as in ``named_modules``) whose activations CAM methods use."""
+    family: str
+    """Short description shown by ``pneumoscope models``."""
+    reshape: str | None = None
+    """``"vit"`` for token outputs that a CAM must fold back into a grid."""
+    package_weights: str | None = None
+    """Name of an offline weight loader in :mod:`pneumoscope.models.pretrained` (``--weights package``)."""
+    seed_study: bool = False
+    """One of the five architectures of the study PneumoScope started from."""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a spec; names are unique."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Look a spec up by name; an unknown name raises with the closest matches."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(
+            f"unknown model {name!r}.{hint} Known models: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def list_specs() -> list[ModelSpec]:
+    """Every registered spec, in registration order."""
+    return list(_REGISTRY.values())
+
+
+# --- the five architectures of the seed study (Keras names in the family text) ---
+register(ModelSpec("densenet121", "densenet121.tv_in1k", "features.norm5",
+                   "DenseNet121 (Keras DenseNet121)", seed_study=True))
+register(ModelSpec("convnext_base", "convnext_base.fb_in22k_ft_in1k", "stages.3",
+                   "ConvNeXt-Base (Keras ConvNeXtBase)", seed_study=True))
+register(ModelSpec("resnetv2_50", "resnetv2_50.a1h_in1k", "stages.3",
+                   "ResNet50 v2, pre-activation (Keras ResNet50V2)", seed_study=True))
+register(ModelSpec("resnetv2_101", "resnetv2_101.a1h_in1k", "stages.3",
+                   "ResNet101 v2, pre-activation (Keras ResNet101V2)", seed_study=True))
+register(ModelSpec("vgg16", "vgg16.tv_in1k", "features.29",
+                   "VGG16 (Keras VGG16)", seed_study=True))
+# --- modern and small models ---
+register(ModelSpec("efficientnet_b0", "efficientnet_b0.ra_in1k", "conv_head",
+                   "EfficientNet-B0"))
+register(ModelSpec("efficientnet_lite0", "efficientnet_lite0.ra_in1k", "conv_head",
+                   "EfficientNet-Lite0 (offline ImageNet weights: --weights package)",
+                   package_weights="efficientnet_lite0"))
+register(ModelSpec("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k",
+                   "blocks.11.norm1", "ViT-S/16 Vision Transformer", reshape="vit"))
+register(ModelSpec("resnet18", "resnet18.a1_in1k", "layer4", "ResNet-18, small baseline"))
