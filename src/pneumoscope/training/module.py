@@ -1,0 +1,110 @@
+"""The LightningModule: loss, optimiser, schedule, frozen-backbone warm-up, validation AUC."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pneumoscope.config import TrainConfig
+from pneumoscope.data.augment import BatchAugment
+from pneumoscope.evaluation.metrics import binary_metrics
+from pneumoscope.models.factory import XrayClassifier
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ClassifierModule(L.LightningModule):
+    """Binary pneumonia classifier around an :class:`XrayClassifier`.
+
+    ``class_weights`` (NORMAL, PNEUMONIA) weight the loss per sample; pass ``(1, 1)`` when the
+    sampler already balances the classes.
+    """
+
+    def __init__(self, model: XrayClassifier, config: TrainConfig,
+                 class_weights: tuple[float, float] = (1.0, 1.0),
+                 augment: BatchAugment | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.augment = augment
+        self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
+        self._val_probs: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).squeeze(1)
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor],
+                                dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Augment whole training batches on the device (validation and test stay untouched).
+        if self.augment is not None and self._trainer is not None and self.trainer.training:
+            x, y = batch
+            return self.augment(x), y
+        return batch
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, weighted: bool) -> torch.Tensor:
+        eps = self.config.label_smoothing
+        target = y * (1 - eps) + 0.5 * eps
+        weight = self.class_weights[y.long()] if weighted else None
+        return F.binary_cross_entropy_with_logits(logits.float(), target, weight=weight)
+
+    def on_train_epoch_start(self) -> None:
+        # Frozen-backbone warm-up: only the new head learns for the first freeze_epochs,
+        # so large early gradients do not wreck the pretrained features.
+        frozen = self.current_epoch < self.config.freeze_epochs
+        head = {id(p) for p in self.model.head_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in head or not frozen)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        loss = self._loss(self(x), y, weighted=True)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", self._loss(logits, y, weighted=False), on_epoch=True,
+                 batch_size=len(y), sync_dist=True)
+        self._val_probs.append(torch.sigmoid(logits.float()).detach())
+        self._val_labels.append(y.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        probs = self.all_gather(torch.cat(self._val_probs)).reshape(-1).cpu().numpy()
+        labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1).cpu().numpy()
+        self._val_probs.clear()
+        self._val_labels.clear()
+        if self.trainer.sanity_checking:
+            return
+        m = binary_metrics(labels.astype(int), np.clip(probs, 0.0, 1.0), 0.5)
+        self.log_dict({"val_auc": m["auc"], "val_pr_auc": m["pr_auc"],
+                       "val_accuracy_at_0.5": m["accuracy"]}, prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self):  # noqa: ANN201 (Lightning's union return type)
+        cfg = self.config
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            # No weight decay on norms and biases: the usual AdamW recipe.
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs else 0
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

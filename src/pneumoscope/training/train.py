@@ -1,0 +1,178 @@
+"""One training run, start to finish: data → model → Lightning fit → threshold → evaluation.
+
+Each run is a folder::
+
+    RUN/config.yaml            resolved config
+    RUN/splits/{train,val,test}.csv
+    RUN/logs/metrics.csv       per-epoch metrics (Lightning CSVLogger)
+    RUN/checkpoints/{best,last}.ckpt   Lightning checkpoints (resume with --resume)
+    RUN/model.safetensors      self-describing model (weights + preprocessing + threshold)
+    RUN/metrics.json           validation and test reports with 95% CIs
+    RUN/predictions_{val,test}.csv
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from pneumoscope import __version__
+from pneumoscope.config import RunConfig, save_config
+from pneumoscope.data.augment import AugmentConfig, BatchAugment
+from pneumoscope.data.datasets import SplitData, XrayDataModule, class_weights, load_splits
+from pneumoscope.data.records import write_records
+from pneumoscope.evaluation.evaluate import evaluate_predictions, write_json, write_predictions
+from pneumoscope.evaluation.inference import predict_proba
+from pneumoscope.evaluation.threshold import choose_threshold
+from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
+from pneumoscope.models.factory import build_model
+from pneumoscope.training.module import ClassifierModule
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a finished run put its outputs, and its headline numbers."""
+
+    run_dir: Path
+    checkpoint: Path
+    threshold: float
+    metrics: dict[str, Any]
+    wall_time_s: float
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: mixed precision on CUDA (bf16 where supported), full fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _data_summary(splits: dict[str, SplitData]) -> dict[str, Any]:
+    return {name: {"images": len(s.records), "pneumonia": int(s.labels.sum()),
+                   "patients": len({r.patient_id for r in s.records}),
+                   "unreadable_skipped": len(s.failures)}
+            for name, s in splits.items()}
+
+
+def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitData] | None = None,
+          progress: bool = True) -> RunResult:
+    """Train, pick the best epoch and the threshold on validation, evaluate on test once.
+
+    ``resume`` continues from ``RUN/checkpoints/last.ckpt``. ``splits`` lets a caller
+    (e.g. ``compare``) decode the data once and share it between models.
+    """
+    start = time.perf_counter()
+    run_dir = config.run_dir
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last}")
+    if not resume and last.is_file():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it "
+                              "or choose another --out/--name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+
+    if splits is None:
+        splits = load_splits(config.data, config.train.seed)
+    for name in ("train", "val"):
+        if name not in splits or not splits[name].records:
+            raise ValueError(f"no {name} images: cannot train")
+    (run_dir / "splits").mkdir(exist_ok=True)
+    for name, split in splits.items():
+        write_records(split.records, run_dir / "splits" / f"{name}.csv")
+
+    tc = config.train
+    model = build_model(config.model.name, config.model.weights,
+                        image_size=config.data.image_size, drop_rate=config.model.drop_rate,
+                        channels_last=tc.channels_last)
+    weights = class_weights(splits["train"].labels) \
+        if config.data.class_balance == "loss" else (1.0, 1.0)
+    augment = BatchAugment(AugmentConfig(hflip=config.data.hflip)) if config.data.augment else None
+    module = ClassifierModule(model, tc, weights, augment)
+    datamodule = XrayDataModule(splits, config.data, seed=tc.seed)
+
+    checkpointing = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+                                    monitor="val_auc", mode="max", save_last=True,
+                                    enable_version_counter=False)
+    callbacks: list[L.Callback] = [
+        checkpointing, EarlyStopping(monitor="val_auc", mode="max", patience=tc.patience)]
+    if progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    trainer = L.Trainer(
+        max_epochs=tc.epochs, accelerator=tc.accelerator, devices=tc.devices,
+        strategy=tc.strategy, num_nodes=tc.num_nodes,
+        precision=resolve_precision(tc.precision, tc.accelerator),
+        limit_train_batches=tc.limit_train_batches if tc.limit_train_batches <= 1
+        else int(tc.limit_train_batches),
+        callbacks=callbacks, logger=CSVLogger(run_dir, name="", version="logs"),
+        enable_progress_bar=progress, enable_model_summary=False, deterministic=False,
+        log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=run_dir,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    if not trainer.is_global_zero:
+        # Under DDP only rank 0 selects the threshold, evaluates and writes the model file.
+        return RunResult(run_dir, run_dir / MODEL_FILE, float("nan"), {}, 0.0)
+
+    best = checkpointing.best_model_path or str(last)
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    model = module.model.cpu().eval()
+    log.info("best checkpoint: %s (val AUC %.4f)", best, float(checkpointing.best_model_score or 0))
+
+    ec = config.eval
+    val = splits["val"]
+    val_probs = predict_proba(model, val.images)
+    threshold = choose_threshold(val.labels, val_probs, ec.threshold_method,
+                                 target_sensitivity=ec.target_sensitivity)
+    method = ec.threshold_method + (f"={ec.target_sensitivity}" if ec.target_sensitivity else "")
+    reports = {"val": evaluate_predictions(val.labels, val_probs, threshold, records=val.records,
+                                           threshold_method=method, n_bootstrap=ec.n_bootstrap,
+                                           seed=ec.bootstrap_seed)}
+    write_predictions(run_dir / "predictions_val.csv", val.records, val_probs, threshold)
+    if "test" in splits and splits["test"].records:
+        test = splits["test"]
+        test_probs = predict_proba(model, test.images, progress=progress)
+        reports["test"] = evaluate_predictions(
+            test.labels, test_probs, threshold, records=test.records, threshold_method=method,
+            n_bootstrap=ec.n_bootstrap, seed=ec.bootstrap_seed, group_by=ec.group_by)
+        write_predictions(run_dir / "predictions_test.csv", test.records, test_probs, threshold)
+
+    wall = time.perf_counter() - start
+    summary = {
+        "model": config.model.name, "weights": config.model.weights, "threshold": threshold,
+        "threshold_method": method, "best_epoch_checkpoint": Path(best).name,
+        "best_val_auc_during_training": float(checkpointing.best_model_score or float("nan")),
+        "epochs_run": trainer.current_epoch, "wall_time_s": round(wall, 1),
+        "data": _data_summary(splits), "version": __version__, **reports,
+    }
+    write_json(run_dir / "metrics.json", summary)
+    info = CheckpointInfo(
+        model=config.model.name, preprocessing=model.preprocessing, threshold=float(threshold),
+        threshold_method=method, timm_name=model.backbone.pretrained_cfg.get("architecture", ""),
+        arch_kwargs=model.arch_kwargs,
+        metrics={k: v["at_threshold"]["metrics"] for k, v in reports.items()},
+        config=config.to_dict())
+    checkpoint = save_checkpoint(run_dir / MODEL_FILE, model, info)
+    log.info("run finished in %.0f s: %s", wall, run_dir)
+    return RunResult(run_dir, checkpoint, float(threshold), summary, wall)
+
+
+def with_overrides(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy of ``config`` with some fields of some sections replaced."""
+    return replace(config, **{name: replace(getattr(config, name), **values)
+                              for name, values in sections.items()})

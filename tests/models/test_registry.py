@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from pneumoscope.models.factory import WeightsUnavailableError, build_model, load_weights_file
+from pneumoscope.models.registry import get_spec, list_specs
+
+SEED_STUDY = {"densenet121", "convnext_base", "resnetv2_50", "resnetv2_101", "vgg16"}
+
+
+def test_registry_has_the_seed_study_and_modern_models() -> None:
+    names = {s.name for s in list_specs()}
+    assert SEED_STUDY <= names
+    assert {"efficientnet_b0", "efficientnet_lite0", "vit_small_patch16_224", "resnet18"} <= names
+    assert {s.name for s in list_specs() if s.seed_study} == SEED_STUDY
+
+
+@pytest.mark.parametrize("spec", list_specs(), ids=lambda s: s.name)
+def test_every_spec_builds_and_runs(spec) -> None:  # noqa: ANN001
+    size = 32 if spec.name != "vgg16" else 64  # VGG's five poolings need >= 32 px; keep a margin
+    torch.manual_seed(0)
+    model = build_model(spec.name, "none", image_size=size).eval()
+    x = torch.rand(2, 1, size, size)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 1) and torch.isfinite(out).all()
+    # The CAM layer named in the spec exists in the built network.
+    assert spec.cam_layer in dict(model.backbone.named_modules())
+    # Preprocessing comes from timm's pretrained config, not retyped constants.
+    cfg = timm.get_pretrained_cfg(spec.timm_name)
+    assert model.preprocessing.mean == tuple(cfg.mean) and model.preprocessing.std == tuple(cfg.std)
+    assert model.preprocessing.image_size == size
+
+
+def test_unknown_model_names_the_closest() -> None:
+    with pytest.raises(KeyError, match="did you mean|Did you mean") as info:
+        get_spec("densenet12")
+    assert "densenet121" in str(info.value)
+
+
+def test_hub_fails_fast_offline_with_a_hint() -> None:
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="--weights PATH") as info:
+        build_model("resnet18", "hub", image_size=32)
+    assert time.perf_counter() - start < 15
+    assert "--weights none" in str(info.value)
+    with pytest.raises(WeightsUnavailableError, match="--weights package"):
+        build_model("efficientnet_lite0", "hub", image_size=32)
+    with pytest.raises(WeightsUnavailableError, match="no offline package weights"):
+        build_model("resnet18", "package", image_size=32)
+
+
+def test_local_weights_file_imagenet_head_is_replaced(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = timm.create_model("resnet18", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "resnet18_in1k.pth")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(tmp_path / "resnet18.safetensors"))
+    for name in ("resnet18_in1k.pth", "resnet18.safetensors"):
+        model = build_model("resnet18", str(tmp_path / name), image_size=32)
+        torch.testing.assert_close(model.backbone.conv1.weight, source.conv1.weight)
+        assert model.backbone.fc.out_features == 1
+
+
+def test_local_weights_that_do_not_fit_raise(tmp_path: Path) -> None:
+    torch.save(timm.create_model("efficientnet_b0", num_classes=10).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        build_model("resnet18", str(tmp_path / "w.pth"), image_size=32)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a loadable weights file"):
+        load_weights_file(timm.create_model("resnet18", num_classes=1), tmp_path / "junk.pth")
+    with pytest.raises(FileNotFoundError):
+        build_model("resnet18", str(tmp_path / "missing.pth"), image_size=32)

@@ -1,0 +1,81 @@
+"""The command line end to end: train a short epoch → evaluate → compare, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pneumoscope.cli import build_parser, main
+
+QUICK = ["--image-size", "48", "--batch-size", "16", "--set", "train.limit_train_batches=2",
+         "--set", "eval.n_bootstrap=100"]
+
+
+def test_train_evaluate_compare(kermany_tree: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "runs"
+    assert main(["train", "--data", str(kermany_tree), "--model", "resnet18", "--weights", "none",
+                 "--epochs", "1", "--out", str(out), *QUICK]) == 0
+    ckpt = out / "resnet18-seed42" / "model.safetensors"
+    assert ckpt.is_file() and "run folder" in capsys.readouterr().out
+
+    # Evaluate the model file on another NORMAL/PNEUMONIA tree (an "external site").
+    site = kermany_tree / "test"
+    assert main(["evaluate", str(ckpt), "--data", str(site), "--out", str(tmp_path / "ev"),
+                 "--n-bootstrap", "50"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["split"] == "all" and report["n"] > 0
+    assert report["threshold"] == json.loads((ckpt.parent / "metrics.json").read_text())["threshold"]
+    assert (tmp_path / "ev" / "predictions.csv").is_file()
+
+    assert main(["compare", "--data", str(kermany_tree), "--models", "resnet18,efficientnet_b0",
+                 "--weights", "none", "--epochs", "1", "--out", str(out), "--name", "cmp",
+                 *QUICK]) == 0
+    board = json.loads((out / "cmp" / "leaderboard.json").read_text())
+    assert {r["model"] for r in board["rows"]} == {"resnet18", "efficientnet_b0"}
+    others = [r for r in board["rows"] if r["model"] != board["reference"]]
+    assert others[0]["vs_reference"]["p_delong"] is not None
+    md = (out / "cmp" / "leaderboard.md").read_text()
+    assert "resnet18" in md and "[" in md  # CIs are shown
+    assert (out / "cmp" / "leaderboard.csv").read_text().count("\n") == 3
+    # Re-running with --resume skips the finished models and rebuilds the leaderboard.
+    assert main(["compare", "--data", str(kermany_tree), "--models", "resnet18,efficientnet_b0",
+                 "--weights", "none", "--epochs", "1", "--out", str(out), "--name", "cmp",
+                 "--resume", *QUICK]) == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--model", "resnet19", "--data", "."], "unknown model 'resnet19'"),
+    (["train", "--model", "resnet18", "--data", "/no/such/folder", "--weights", "none"],
+     "data folder not found: /no/such/folder"),
+    (["train", "--epochs", "0", "--data", "."], "train.epochs must be >= 1"),
+    (["compare", "--models", "resnet18,nope", "--data", "."], "unknown model 'nope'"),
+    (["evaluate", "/no/model.safetensors", "--data", "."], "checkpoint not found"),
+    (["train", "--set", "train.bogus=1"], "unknown config key"),
+])
+def test_bad_input_exits_2_with_a_message(argv: list[str], message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_class_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "train" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "train" / "PNEUMONIA").mkdir(parents=True)
+    assert main(["train", "--data", str(tmp_path), "--weights", "none"]) == 2
+    assert "NORMAL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "compare"])
+def test_help_shows_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    assert "example" in capsys.readouterr().out
+
+
+def test_models_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "densenet121" in out and "--weights package" in out

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pneumoscope.config import RunConfig, load_config, parse_override, save_config
+
+
+def test_defaults_yaml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name: resnet18\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, {"data": {"image_size": 128}}, ["train.lr=3e-4", "data.augment=false"])
+    assert cfg.model.name == "resnet18" and cfg.train.epochs == 3
+    assert cfg.data.image_size == 128 and cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.data.augment is False
+    assert cfg.run_dir == Path("runs/resnet18-seed42")
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert load_config() == RunConfig()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.name=resnet19", "unknown model 'resnet19'.*resnet18"),
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("data.image_size=5000", "data.image_size"),
+    ("data.class_balance=oversample", "data.class_balance must be one of"),
+    ("data.colour=1", "unknown config key.*data.colour"),
+    ("train.lr=fast", "train.lr must be a number, got 'fast'"),
+    ("eval.threshold_method=target_sensitivity", "eval.target_sensitivity must be in"),
+    ("data.augment=maybe", "data.augment must be true or false"),
+])
+def test_bad_values_are_named(override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(dotted=[override])
+
+
+def test_bad_files_and_override_syntax(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_override("train.epochs")
+    assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_config_is_frozen() -> None:
+    cfg = RunConfig()
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 5  # type: ignore[misc]

