@@ -23,3 +23,13 @@ def kermany_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pneumoscope.data.synthetic import write_kermany_tree
 
     return write_kermany_tree(tmp_path_factory.mktemp("kermany") / "chest_xray", size=96, seed=0)
+
+
+@pytest.fixture(scope="session")
+def learnable_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A larger synthetic tree for the test that training must actually learn."""
+    from pneumoscope.data.synthetic import write_kermany_tree
+
+    counts = {"train": (80, 120), "val": (24, 30), "test": (40, 50)}
+    return write_kermany_tree(tmp_path_factory.mktemp("learnable") / "chest_xray", counts,
+                              size=64, seed=1)

@@ -79,3 +79,14 @@ def test_models_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "densenet121" in out and "--weights package" in out
+
+
+def test_data_check_and_offline_download(kermany_tree: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "check", str(kermany_tree)]) == 0
+    out = capsys.readouterr().out
+    assert "PNEUMONIA" in out and "train" in out
+    # Nothing listens on port 9 here: the download fails fast and says how to go on offline.
+    assert main(["data", "download", "--dest", str(tmp_path), "--url",
+                 "http://127.0.0.1:9/ChestXRay2017.zip"]) == 2
+    assert "--data" in capsys.readouterr().err

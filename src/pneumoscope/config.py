@@ -6,6 +6,7 @@ with a message that names the bad key or value.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -198,10 +199,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, str):
             # YAML 1.1 reads "3e-4" (no dot) as a string.
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from pneumoscope import CLASS_NAMES
-from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint, read_info, save_checkpoint
+from pneumoscope.models.checkpoint import (
+    CheckpointInfo,
+    load_checkpoint,
+    read_info,
+    save_checkpoint,
+)
 from pneumoscope.models.factory import build_model
 
 

@@ -15,13 +15,13 @@ SEED_STUDY = {"densenet121", "convnext_base", "resnetv2_50", "resnetv2_101", "vg
 
 def test_registry_has_the_seed_study_and_modern_models() -> None:
     names = {s.name for s in list_specs()}
-    assert SEED_STUDY <= names
+    assert names >= SEED_STUDY
     assert {"efficientnet_b0", "efficientnet_lite0", "vit_small_patch16_224", "resnet18"} <= names
     assert {s.name for s in list_specs() if s.seed_study} == SEED_STUDY
 
 
 @pytest.mark.parametrize("spec", list_specs(), ids=lambda s: s.name)
-def test_every_spec_builds_and_runs(spec) -> None:  # noqa: ANN001
+def test_every_spec_builds_and_runs(spec) -> None:
     size = 32 if spec.name != "vgg16" else 64  # VGG's five poolings need >= 32 px; keep a margin
     torch.manual_seed(0)
     model = build_model(spec.name, "none", image_size=size).eval()
@@ -38,7 +38,7 @@ def test_every_spec_builds_and_runs(spec) -> None:  # noqa: ANN001
 
 
 def test_unknown_model_names_the_closest() -> None:
-    with pytest.raises(KeyError, match="did you mean|Did you mean") as info:
+    with pytest.raises(KeyError, match="Did you mean") as info:
         get_spec("densenet12")
     assert "densenet121" in str(info.value)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import math
+import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -32,11 +35,13 @@ class ClassifierModule(L.LightningModule):
 
     def __init__(self, model: XrayClassifier, config: TrainConfig,
                  class_weights: tuple[float, float] = (1.0, 1.0),
-                 augment: BatchAugment | None = None) -> None:
+                 augment: BatchAugment | None = None, epoch_log: Path | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = config
         self.augment = augment
+        self.epoch_log = epoch_log
+        self._train_losses: list[float] = []
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
         self._val_probs: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
@@ -69,15 +74,13 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
         loss = self._loss(self(x), y, weighted=True)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=len(y))
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
+        self._train_losses.append(float(loss.detach()))
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         x, y = batch
         logits = self(x)
-        self.log("val_loss", self._loss(logits, y, weighted=False), on_epoch=True,
-                 batch_size=len(y), sync_dist=True)
         self._val_probs.append(torch.sigmoid(logits.float()).detach())
         self._val_labels.append(y.detach())
 
@@ -89,10 +92,27 @@ class ClassifierModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         m = binary_metrics(labels.astype(int), np.clip(probs, 0.0, 1.0), 0.5)
-        self.log_dict({"val_auc": m["auc"], "val_pr_auc": m["pr_auc"],
-                       "val_accuracy_at_0.5": m["accuracy"]}, prog_bar=True, sync_dist=False)
+        row = {"val_loss": m["log_loss"], "val_auc": m["auc"], "val_pr_auc": m["pr_auc"],
+               "val_accuracy_at_0.5": m["accuracy"]}
+        self.log_dict(row, prog_bar=True, sync_dist=False)
+        train_loss = float(np.mean(self._train_losses)) if self._train_losses else None
+        self._train_losses.clear()
+        if self.epoch_log is not None and self.trainer.is_global_zero:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else None
+            self._append_epoch_row({"epoch": self.current_epoch, "train_loss": train_loss, **row,
+                                    "lr": lr, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
-    def configure_optimizers(self):  # noqa: ANN201 (Lightning's union return type)
+    def _append_epoch_row(self, row: dict[str, object]) -> None:
+        """One row per epoch in ``epochs.csv``; appended, so a resumed run keeps its history
+        (Lightning's CSVLogger starts its file afresh on resume)."""
+        new = not self.epoch_log.is_file()
+        with open(self.epoch_log, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+    def configure_optimizers(self):
         cfg = self.config
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():

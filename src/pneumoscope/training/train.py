@@ -4,7 +4,7 @@ Each run is a folder::
 
     RUN/config.yaml            resolved config
     RUN/splits/{train,val,test}.csv
-    RUN/logs/metrics.csv       per-epoch metrics (Lightning CSVLogger)
+    RUN/epochs.csv             per-epoch metrics (appended across --resume)
     RUN/checkpoints/{best,last}.ckpt   Lightning checkpoints (resume with --resume)
     RUN/model.safetensors      self-describing model (weights + preprocessing + threshold)
     RUN/metrics.json           validation and test reports with 95% CIs
@@ -22,7 +22,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 
 from pneumoscope import __version__
 from pneumoscope.config import RunConfig, save_config
@@ -103,7 +102,7 @@ def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitDat
     weights = class_weights(splits["train"].labels) \
         if config.data.class_balance == "loss" else (1.0, 1.0)
     augment = BatchAugment(AugmentConfig(hflip=config.data.hflip)) if config.data.augment else None
-    module = ClassifierModule(model, tc, weights, augment)
+    module = ClassifierModule(model, tc, weights, augment, epoch_log=run_dir / "epochs.csv")
     datamodule = XrayDataModule(splits, config.data, seed=tc.seed)
 
     checkpointing = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
@@ -119,7 +118,7 @@ def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitDat
         precision=resolve_precision(tc.precision, tc.accelerator),
         limit_train_batches=tc.limit_train_batches if tc.limit_train_batches <= 1
         else int(tc.limit_train_batches),
-        callbacks=callbacks, logger=CSVLogger(run_dir, name="", version="logs"),
+        callbacks=callbacks, logger=False,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False,
         log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=run_dir,
     )

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoscope.data.records import ImageRecord
+from pneumoscope.evaluation.evaluate import (
+    evaluate_predictions,
+    read_predictions,
+    write_predictions,
+)
+
+
+def _case() -> tuple[np.ndarray, np.ndarray, list[ImageRecord]]:
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 40 + [1] * 60)
+    probs = np.clip(labels * 0.4 + rng.random(100) * 0.6, 0, 1)
+    records = [ImageRecord(f"/d/{i}.jpeg", int(y), "test", f"p{i}",
+                           ("bacteria" if i % 2 else "virus") if y else "",
+                           (("site", "A" if i % 3 else "B"),))
+               for i, y in enumerate(labels)]
+    return labels, probs, records
+
+
+def test_report_has_both_operating_points_cis_and_breakdowns() -> None:
+    labels, probs, records = _case()
+    report = evaluate_predictions(labels, probs, 0.6, records=records, n_bootstrap=200,
+                                  group_by="site")
+    assert report["at_threshold"]["threshold"] == 0.6 and report["at_0.5"]["threshold"] == 0.5
+    for point in ("at_threshold", "at_0.5"):
+        metrics, ci = report[point]["metrics"], report[point]["ci95"]
+        assert set(ci) == set(metrics)
+        for name, value in metrics.items():
+            assert ci[name][0] <= value + 1e-9 and value <= ci[name][1] + 1e-9, name
+    conf = report["at_threshold"]["confusion"]
+    assert sum(conf.values()) == 100
+    sub = report["by_subtype"]
+    assert sub["bacteria"]["n"] + sub["virus"]["n"] == 60 and sub["normal"]["n"] == 40
+    expected = np.mean(probs[[i for i, r in enumerate(records) if r.subtype == "virus"]] >= 0.6)
+    assert sub["virus"]["sensitivity"] == pytest.approx(expected)
+    assert set(report["by_group"]["site"]) == {"A", "B"}
+
+
+def test_predictions_csv_round_trip(tmp_path: Path) -> None:
+    labels, probs, records = _case()
+    write_predictions(tmp_path / "p.csv", records, probs, 0.6)
+    got_records, got_probs = read_predictions(tmp_path / "p.csv")
+    assert [r.label for r in got_records] == labels.tolist()
+    np.testing.assert_allclose(got_probs, probs, atol=1e-6)
