@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from pneumoscope.evaluation.threshold import choose_threshold
 from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
 from pneumoscope.models.factory import build_model
 from pneumoscope.training.module import ClassifierModule
+from pneumoscope.training.tracking import RUN_FILES, Tracker, track_run
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,13 @@ def _data_summary(splits: dict[str, SplitData]) -> dict[str, Any]:
 
 
 def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitData] | None = None,
-          progress: bool = True) -> RunResult:
+          progress: bool = True, tracking_parent: Tracker | None = None) -> RunResult:
     """Train, pick the best epoch and the threshold on validation, evaluate on test once.
 
     ``resume`` continues from ``RUN/checkpoints/last.ckpt``. ``splits`` lets a caller
-    (e.g. ``compare``) decode the data once and share it between models.
+    (e.g. ``compare``) decode the data once and share it between models. The run is tracked
+    in MLflow unless ``config.tracking.enabled`` is off; ``tracking_parent`` nests it under
+    ``compare``'s run.
     """
     start = time.perf_counter()
     run_dir = config.run_dir
@@ -85,7 +89,16 @@ def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitDat
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     L.seed_everything(config.train.seed, workers=True, verbose=False)
+    with track_run(config, run_dir, parent=tracking_parent, resume=resume) as tracker:
+        return _fit_and_evaluate(config, tracker, resume=resume, splits=splits, progress=progress,
+                                 start=start)
 
+
+def _fit_and_evaluate(config: RunConfig, tracker: Tracker, *, resume: bool,
+                      splits: dict[str, SplitData] | None, progress: bool, start: float) -> RunResult:
+    """The body of :func:`train` once the run folder exists."""
+    run_dir = config.run_dir
+    last = run_dir / "checkpoints" / "last.ckpt"
     if splits is None:
         splits = load_splits(config.data, config.train.seed)
     for name in ("train", "val"):
@@ -102,7 +115,8 @@ def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitDat
     weights = class_weights(splits["train"].labels) \
         if config.data.class_balance == "loss" else (1.0, 1.0)
     augment = BatchAugment(AugmentConfig(hflip=config.data.hflip)) if config.data.augment else None
-    module = ClassifierModule(model, tc, weights, augment, epoch_log=run_dir / "epochs.csv")
+    module = ClassifierModule(model, tc, weights, augment, epoch_log=run_dir / "epochs.csv",
+                              epoch_sink=tracker.log_epoch)
     datamodule = XrayDataModule(splits, config.data, seed=tc.seed)
 
     checkpointing = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
@@ -122,7 +136,11 @@ def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitDat
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False,
         log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=run_dir,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    with warnings.catch_warnings():
+        # Intended: augmentation lives in the module's on_after_batch_transfer.
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     if not trainer.is_global_zero:
         # Under DDP only rank 0 selects the threshold, evaluates and writes the model file.
         return RunResult(run_dir, run_dir / MODEL_FILE, float("nan"), {}, 0.0)
@@ -167,6 +185,8 @@ def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitDat
         metrics={k: v["at_threshold"]["metrics"] for k, v in reports.items()},
         config=config.to_dict())
     checkpoint = save_checkpoint(run_dir / MODEL_FILE, model, info)
+    tracker.log_final(summary)
+    tracker.log_artifacts(*(run_dir / name for name in RUN_FILES))
     log.info("run finished in %.0f s: %s", wall, run_dir)
     return RunResult(run_dir, checkpoint, float(threshold), summary, wall)
 
