@@ -49,3 +49,29 @@ def test_predictions_csv_round_trip(tmp_path: Path) -> None:
     got_records, got_probs = read_predictions(tmp_path / "p.csv")
     assert [r.label for r in got_records] == labels.tolist()
     np.testing.assert_allclose(got_probs, probs, atol=1e-6)
+
+
+def test_evaluate_checkpoint_on_folders_and_pneumoniamnist(kermany_tree: Path, tmp_path: Path) -> None:
+    from pneumoscope.data.synthetic import write_pneumoniamnist_npz
+    from pneumoscope.evaluation.evaluate import evaluate_checkpoint
+    from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumoscope.models.factory import build_model
+
+    model = build_model("resnet18", "none", image_size=32)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model,
+                           CheckpointInfo(model="resnet18", preprocessing=model.preprocessing,
+                                          threshold=0.42))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("file,site\n" + "".join(
+        f"{p.name},{'A' if i % 2 else 'B'}\n"
+        for i, p in enumerate(sorted((kermany_tree / "test").rglob("*.*")))))
+    report = evaluate_checkpoint(ckpt, kermany_tree, tmp_path / "ev", manifest=manifest,
+                                 group_by="site", n_bootstrap=50)
+    assert report["split"] == "test" and report["threshold"] == 0.42
+    assert set(report["by_group"]["site"]) == {"A", "B"}
+    npz = write_pneumoniamnist_npz(tmp_path / "pm.npz")
+    report = evaluate_checkpoint(ckpt, npz, tmp_path / "ev2", n_bootstrap=0)
+    with np.load(npz) as data:
+        assert report["n"] == len(data["test_labels"])
+    with pytest.raises(ValueError, match="split 'nope'"):
+        evaluate_checkpoint(ckpt, kermany_tree, tmp_path / "ev3", split="nope")

@@ -144,19 +144,28 @@ def evaluate_checkpoint(
     from pneumoscope.models.checkpoint import load_checkpoint
 
     model, info = load_checkpoint(checkpoint)
-    found = load_folder(data)
-    if split is None:
-        split = "test" if "test" in found else "all" if "all" in found else None
+    size = info.preprocessing.image_size
+    if Path(data).suffix == ".npz":
+        from pneumoscope.data.datasets import load_pneumoniamnist
+
+        split = split or "test"
+        found_npz = load_pneumoniamnist(data, size)
+        if split not in found_npz:
+            raise ValueError(f"split {split!r} not in {data} (found: {', '.join(found_npz)})")
+        decoded = found_npz[split]
+    else:
+        found = load_folder(data)
         if split is None:
-            raise ValueError(f"{data}: no test/ folder and no NORMAL/PNEUMONIA folders at the "
-                             f"top; pass --split (found: {', '.join(found)})")
-    if split not in found:
-        raise ValueError(f"split {split!r} not found under {data} (found: {', '.join(found)})")
-    records = found[split]
-    if manifest:
-        records = attach_manifest(records, manifest)
-    decoded = cached_images(records, info.preprocessing.image_size, cache_dir,
-                            desc=f"decoding {split}")
+            split = "test" if "test" in found else "all" if "all" in found else None
+            if split is None:
+                raise ValueError(f"{data}: no test/ folder and no NORMAL/PNEUMONIA folders at the "
+                                 f"top; pass --split (found: {', '.join(found)})")
+        if split not in found:
+            raise ValueError(f"split {split!r} not found under {data} (found: {', '.join(found)})")
+        records = found[split]
+        if manifest:
+            records = attach_manifest(records, manifest)
+        decoded = cached_images(records, size, cache_dir, desc=f"decoding {split}")
     probs = predict_proba(model, decoded.images, batch_size=batch_size, progress=True)
     labels = decoded.labels
     report = evaluate_predictions(labels, probs, info.threshold, records=decoded.records,
