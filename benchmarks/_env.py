@@ -24,7 +24,8 @@ def _cpu_model() -> str:
 def hardware() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"load_average_1m": round(os.getloadavg()[0], 2), "cpu": _cpu_model(), "cpu_cores_available": len(os.sched_getaffinity(0)),
+    info: dict[str, Any] = {"load_average_1m": round(os.getloadavg()[0], 2), "cpu": _cpu_model(),
+                            "cpu_cores_available": len(os.sched_getaffinity(0)),
                             "torch_threads": torch.get_num_threads(),
                             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -40,10 +41,30 @@ def test_train_evaluate_compare(kermany_tree: Path, tmp_path: Path,
     md = (out / "cmp" / "leaderboard.md").read_text()
     assert "resnet18" in md and "[" in md  # CIs are shown
     assert (out / "cmp" / "leaderboard.csv").read_text().count("\n") == 3
+    _check_compare_tracked(out)
     # Re-running with --resume skips the finished models and rebuilds the leaderboard.
     assert main(["compare", "--data", str(kermany_tree), "--models", "resnet18,efficientnet_b0",
                  "--weights", "none", "--epochs", "1", "--out", str(out), "--name", "cmp",
                  "--resume", *QUICK]) == 0
+
+
+def _check_compare_tracked(out: Path) -> None:
+    """The default MLflow store in --out holds the train run and a compare run with the
+    leaderboard, its model runs nested under it."""
+    if importlib.util.find_spec("mlflow") is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from pneumoscope.training.tracking import default_store_uri
+
+    client = MlflowClient(tracking_uri=default_store_uri(out))
+    runs = client.search_runs([client.get_experiment_by_name("pneumoscope").experiment_id])
+    parent = next(r for r in runs if r.data.tags["kind"] == "compare")
+    children = {r.data.tags["model"] for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert children == {"resnet18", "efficientnet_b0"} and len(runs) == 4
+    assert {"leaderboard.md", "leaderboard.csv", "leaderboard.json"} <= \
+        {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 @pytest.mark.parametrize(("argv", "message"), [

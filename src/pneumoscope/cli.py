@@ -41,6 +41,17 @@ COMPARE_EXAMPLE = """example (the seed study, on a GPU):
 example (quick, CPU, offline):
   pneumoscope compare --config configs/quick.yaml --data ../shared/data/chest_xray"""
 
+PREDICT_EXAMPLE = """example:
+  pneumoscope predict runs/efficientnet_lite0-seed42/model.safetensors scans/ extra/*.dcm \\
+      --out results.csv
+  pneumoscope predict model.onnx chest.png        # exported model, onnx backend"""
+EXPORT_EXAMPLE = """example:
+  pneumoscope export runs/efficientnet_lite0-seed42/model.safetensors --format onnx \\
+      --out model.onnx   # + model.onnx.json; checks ONNX Runtime against PyTorch"""
+EXPLAIN_EXAMPLE = """example:
+  pneumoscope explain runs/resnet18-seed42/model.safetensors scans/ chest.png \\
+      --method gradcam,hirescam --out explanations --faithfulness"""
+
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (see configs/)")
@@ -65,6 +76,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-nodes", type=int)
     p.add_argument("--precision", help="auto, 32-true, 16-mixed, bf16-mixed")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking server or store (default: local <out>/mlflow.db)")
+    p.add_argument("--no-tracking", action="store_true", help="do not track the run in MLflow")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. --set train.freeze_epochs=1 (repeatable)")
 
@@ -82,6 +96,8 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         ("train", "precision"): args.precision, ("eval", "group_by"): args.group_by,
         ("", "out"): args.out, ("", "name"): args.name,
         ("model", "name"): getattr(args, "model", None),
+        ("tracking", "uri"): args.tracking_uri,
+        ("tracking", "enabled"): False if args.no_tracking else None,
     }
     if getattr(args, "weights", None) and "=" not in args.weights and "," not in args.weights:
         flat[("model", "weights")] = args.weights
@@ -189,6 +205,71 @@ def cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pneumoscope.serve.predict import Predictor, collect_inputs, write_rows
+
+    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out must end in .csv or .json, got {args.out}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    paths = collect_inputs(args.inputs)
+    predictor = Predictor(args.checkpoint, backend=args.backend)
+    rows = predictor.predict_files(paths, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    failed = [r for r in rows if r.error]
+    if args.out:
+        write_rows(rows, args.out)
+    else:
+        width = min(max((len(r.path) for r in rows), default=4), 60)
+        print(f"{'file':<{width}}  {'p(pneumonia)':>12}  label")
+        for r in rows:
+            shown = r.path if len(r.path) <= width else "..." + r.path[-(width - 3):]
+            prob = f"{r.prob_pneumonia:.4f}" if r.prob_pneumonia is not None else "-"
+            print(f"{shown:<{width}}  {prob:>12}  {r.label or 'ERROR: ' + (r.error or '')}")
+    print(f"{predictor.info.model} ({predictor.backend}, threshold {predictor.threshold:.3f}): "
+          f"{len(rows)} file(s), {len(failed)} failed"
+          + (f"; results: {args.out}" if args.out else ""))
+    return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from pneumoscope.serve.export import export_onnx
+
+    out = export_onnx(args.checkpoint, args.out, opset=args.opset, check=True)
+    parity = json.loads(Path(f"{out}.json").read_text())["parity"]
+    print(f"ONNX model: {out} (metadata: {out}.json)")
+    print(f"parity with PyTorch: max |difference| = {parity['max_abs_diff']:.2e} over "
+          f"{parity['n_images']} images (tolerance {parity['tolerance']:g})")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pneumoscope.explain.cam import explain_files, faithfulness, format_faithfulness
+
+    methods = [m.strip() for text in (args.method or ["gradcam"]) for m in text.split(",") if m.strip()]
+    rows = explain_files(args.checkpoint, args.images, args.out, methods=methods,
+                         progress=sys.stderr.isatty())
+    failed = [r for r in rows if r["error"]]
+    for r in failed:
+        print(f"skipped {r['path']}: {r['error']}", file=sys.stderr)
+    print(f"{len(rows) - len(failed)} image(s) x {len(methods)} method(s) explained, "
+          f"{len(failed)} skipped; overlays (.png) and heatmaps (.npy): {args.out}")
+    if args.faithfulness:
+        import numpy as np
+
+        from pneumoscope.data.decode import load_grayscale, resize_square
+        from pneumoscope.models.checkpoint import load_checkpoint
+
+        model, info = load_checkpoint(args.checkpoint)
+        size = info.preprocessing.image_size
+        images = [resize_square(load_grayscale(r["path"]), size) for r in rows if not r["error"]]
+        if images:
+            table = [faithfulness(model, np.stack(images), m, spec=info) for m in methods]
+            print(format_faithfulness(table))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="pneumoscope", description=__doc__.split("\n")[0],
@@ -222,6 +303,37 @@ def build_parser() -> argparse.ArgumentParser:
                    "efficientnet_lite0=package,resnet18=none")
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("predict", help="predict image files (JPEG/PNG/DICOM) with a model file",
+                       epilog=PREDICT_EXAMPLE, formatter_class=fmt)
+    p.add_argument("checkpoint", help="model.safetensors (from train) or model.onnx (from export)")
+    p.add_argument("inputs", nargs="+", metavar="PATH",
+                   help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--out", help="results file, .csv or .json (default: print a table)")
+    p.add_argument("--backend", choices=["torch", "onnx"],
+                   help="default: onnx for a .onnx file, torch otherwise")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a model file for deployment (ONNX)",
+                       epilog=EXPORT_EXAMPLE, formatter_class=fmt)
+    p.add_argument("checkpoint", help="model.safetensors written by train")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", help="output file (default: the checkpoint's name with .onnx)")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("explain", help="class activation maps (Grad-CAM and others) for images",
+                       epilog=EXPLAIN_EXAMPLE, formatter_class=fmt)
+    p.add_argument("checkpoint", help="model.safetensors written by train")
+    p.add_argument("images", nargs="+", metavar="PATH", help="image files or folders (recursive)")
+    p.add_argument("--method", action="append", metavar="NAME",
+                   help="gradcam (default), gradcam++, xgradcam, hirescam, layercam, eigencam, "
+                   "eigengradcam, scorecam, ablationcam; repeatable or comma-separated")
+    p.add_argument("--out", default="explanations", help="output folder (default explanations)")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="also print the ROAD faithfulness table over the images")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("data", help="get or check a data set")
     data_sub = p.add_subparsers(dest="data_command", required=True)

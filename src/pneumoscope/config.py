@@ -159,6 +159,21 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking in MLflow (the ``tracking`` extra)."""
+
+    enabled: bool = True
+    uri: str | None = None
+    """MLflow tracking URI (a server ``http://host:5000``, ``sqlite:///path.db``, ...);
+    ``None``: a local SQLite store ``<out>/mlflow.db`` with artifacts in ``<out>/mlartifacts``."""
+    experiment: str = "pneumoscope"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment.strip()), "tracking.experiment must not be empty")
+        _check(self.uri is None or bool(self.uri.strip()), "tracking.uri must not be empty")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; saved as ``config.yaml`` in the run folder."""
 
@@ -167,6 +182,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     out: str = "runs"
     name: str | None = None
     """Run folder name under ``out``; default ``<model>-seed<seed>``."""

@@ -12,6 +12,7 @@ from pneumoscope.config import RunConfig
 from pneumoscope.data.datasets import load_splits
 from pneumoscope.evaluation.compare import build_leaderboard, write_leaderboard
 from pneumoscope.models.registry import get_spec
+from pneumoscope.training.tracking import compare_config, track_run
 from pneumoscope.training.train import train, with_overrides
 
 log = logging.getLogger(__name__)
@@ -46,22 +47,28 @@ def compare(
         raise ValueError(f"--models lists a model twice: {', '.join(models)}")
     out = Path(config.out) / (config.name or "compare")
     splits = load_splits(config.data, config.train.seed)  # decoded once, shared by all models
+    sources = {name: (weights or {}).get(name, config.model.weights) for name in models}
     run_dirs = []
-    for i, name in enumerate(models, 1):
-        log.info("[%d/%d] training %s", i, len(models), name)
-        source = (weights or {}).get(name, config.model.weights)
-        run_config = replace(with_overrides(config, model={"name": name, "weights": source}),
-                             out=str(out), name=name)
-        done = (run_config.run_dir / "model.safetensors").is_file() and \
-            (run_config.run_dir / "metrics.json").is_file()
-        if done and resume:
-            log.info("%s already finished; skipping (resume)", name)
-        else:
-            last = run_config.run_dir / "checkpoints" / "last.ckpt"
-            train(run_config, resume=resume and last.is_file(), splits=splits, progress=progress)
-        run_dirs.append(run_config.run_dir)
-    board = build_leaderboard(run_dirs, n_resamples=config.eval.n_bootstrap or 1000,
-                              seed=config.eval.bootstrap_seed)
-    paths = write_leaderboard(board, out)
+    # One MLflow "compare" run holds the leaderboard; the model runs nest under it.
+    with track_run(compare_config(config, list(models), sources), out, kind="compare",
+                   resume=resume) as parent:
+        for i, name in enumerate(models, 1):
+            log.info("[%d/%d] training %s", i, len(models), name)
+            source = sources[name]
+            run_config = replace(with_overrides(config, model={"name": name, "weights": source}),
+                                 out=str(out), name=name)
+            done = (run_config.run_dir / "model.safetensors").is_file() and \
+                (run_config.run_dir / "metrics.json").is_file()
+            if done and resume:
+                log.info("%s already finished; skipping (resume)", name)
+            else:
+                last = run_config.run_dir / "checkpoints" / "last.ckpt"
+                train(run_config, resume=resume and last.is_file(), splits=splits, progress=progress,
+                      tracking_parent=parent)
+            run_dirs.append(run_config.run_dir)
+        board = build_leaderboard(run_dirs, n_resamples=config.eval.n_bootstrap or 1000,
+                                  seed=config.eval.bootstrap_seed)
+        paths = write_leaderboard(board, out)
+        parent.log_artifacts(*paths.values())
     log.info("leaderboard: %s", paths["md"])
     return {"out_dir": out, "leaderboard": board, "paths": paths}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -30,17 +31,20 @@ class ClassifierModule(L.LightningModule):
     """Binary pneumonia classifier around an :class:`XrayClassifier`.
 
     ``class_weights`` (NORMAL, PNEUMONIA) weight the loss per sample; pass ``(1, 1)`` when the
-    sampler already balances the classes.
+    sampler already balances the classes. ``epoch_sink(epoch, row)`` receives each epoch's
+    row of ``epochs.csv`` too (on rank 0), e.g. an experiment tracker's ``log_epoch``.
     """
 
     def __init__(self, model: XrayClassifier, config: TrainConfig,
                  class_weights: tuple[float, float] = (1.0, 1.0),
-                 augment: BatchAugment | None = None, epoch_log: Path | None = None) -> None:
+                 augment: BatchAugment | None = None, epoch_log: Path | None = None,
+                 epoch_sink: Callable[[int, dict[str, object]], None] | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = config
         self.augment = augment
         self.epoch_log = epoch_log
+        self.epoch_sink = epoch_sink
         self._train_losses: list[float] = []
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
         self._val_probs: list[torch.Tensor] = []
@@ -97,10 +101,14 @@ class ClassifierModule(L.LightningModule):
         self.log_dict(row, prog_bar=True, sync_dist=False)
         train_loss = float(np.mean(self._train_losses)) if self._train_losses else None
         self._train_losses.clear()
-        if self.epoch_log is not None and self.trainer.is_global_zero:
+        if (self.epoch_log is not None or self.epoch_sink is not None) and self.trainer.is_global_zero:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else None
-            self._append_epoch_row({"epoch": self.current_epoch, "train_loss": train_loss, **row,
-                                    "lr": lr, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            epoch_row = {"epoch": self.current_epoch, "train_loss": train_loss, **row,
+                         "lr": lr, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if self.epoch_log is not None:
+                self._append_epoch_row(epoch_row)
+            if self.epoch_sink is not None:
+                self.epoch_sink(self.current_epoch, epoch_row)
 
     def _append_epoch_row(self, row: dict[str, object]) -> None:
         """One row per epoch in ``epochs.csv``; appended, so a resumed run keeps its history

@@ -1,0 +1,168 @@
+"""From a data root (or a PneumoniaMNIST .npz) to decoded splits and Lightning data loaders."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from pneumoscope.config import DataConfig
+from pneumoscope.data.cache import CachedImages, cached_images
+from pneumoscope.data.records import ImageRecord, attach_manifest, load_folder
+from pneumoscope.data.splits import make_splits, subsample
+
+log = logging.getLogger(__name__)
+
+NPZ_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split, decoded: ``images[i]`` is the uint8 picture of ``records[i]``."""
+
+    images: np.ndarray
+    records: list[ImageRecord]
+    failures: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+    @classmethod
+    def from_cache(cls, cached: CachedImages) -> SplitData:
+        return cls(cached.images, cached.records, tuple(cached.failures))
+
+
+def load_pneumoniamnist(path: str | Path, size: int) -> dict[str, SplitData]:
+    """Read a MedMNIST ``pneumoniamnist.npz`` (official splits kept) resized to ``size``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"PneumoniaMNIST file not found: {path}")
+    with np.load(path) as npz:
+        missing = [f"{s}_{k}" for s in NPZ_SPLITS for k in ("images", "labels")
+                   if f"{s}_{k}" not in npz]
+        if missing:
+            raise ValueError(f"{path} is not a PneumoniaMNIST file: missing keys {missing}")
+        out = {}
+        for split in NPZ_SPLITS:
+            raw = npz[f"{split}_images"]
+            labels = npz[f"{split}_labels"].reshape(-1).astype(int)
+            if raw.ndim != 3 or len(raw) != len(labels):
+                raise ValueError(f"{path}: {split}_images must be (N, H, W) matching the labels")
+            images = np.stack([
+                np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
+                for img in raw.astype(np.uint8)
+            ]) if raw.shape[1:] != (size, size) else raw.astype(np.uint8)
+            # No patient ids in MedMNIST: each image is its own group.
+            records = [ImageRecord(f"{path.name}#{split}/{i}", int(y), split, f"{split}-{i}")
+                       for i, y in enumerate(labels)]
+            out[split] = SplitData(images, records)
+    return out
+
+
+def load_splits(config: DataConfig, seed: int) -> dict[str, SplitData]:
+    """Resolve ``config.root`` into decoded train/val/test splits.
+
+    Folders: validation is a patient-grouped share of the train pool, the official test split
+    stays as it is. PneumoniaMNIST: its official splits.
+    """
+    if config.root is None:
+        raise ValueError("data.root is not set: pass --data PATH (or run `pneumoscope data download`)")
+    root = Path(config.root)
+    if root.suffix == ".npz":
+        splits = load_pneumoniamnist(root, config.image_size)
+    else:
+        found = load_folder(root)
+        chosen = make_splits(found, config.val_fraction, seed)
+        if config.subset < 1.0:
+            for name in ("train", "val"):
+                chosen[name] = subsample(chosen[name], config.subset, seed)
+        if config.manifest:
+            chosen = {k: attach_manifest(v, config.manifest) for k, v in chosen.items()}
+        splits = {
+            name: SplitData.from_cache(cached_images(recs, config.image_size, config.cache_dir,
+                                                     desc=f"decoding {name}"))
+            for name, recs in chosen.items() if recs
+        }
+    for name, split in splits.items():
+        if split.failures:
+            log.warning("%s: %d unreadable image(s) skipped", name, len(split.failures))
+        n_pos = int(split.labels.sum())
+        log.info("%s: %d images (%d NORMAL, %d PNEUMONIA)", name, len(split.records),
+                 len(split.records) - n_pos, n_pos)
+    return splits
+
+
+def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) or (H, W) grayscale → float (N, 1, H, W) in [0, 1], the input every
+    PneumoScope model takes (normalisation happens inside the model)."""
+    # np.array copies: memory-mapped cache arrays are read-only.
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
+    if t.ndim == 2:
+        t = t[None]
+    return t[:, None].float().div_(255.0)
+
+
+class XrayDataset(Dataset):
+    """Images from a :class:`SplitData`, as ``(float tensor (1, H, W) in [0, 1], label)``.
+
+    Augmentation is not done here but per batch on the device (:mod:`pneumoscope.data.augment`).
+    """
+
+    def __init__(self, split: SplitData) -> None:
+        self.images = split.images
+        self.labels = split.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_model_input(self.images[i])[0]
+        return x, torch.tensor(float(self.labels[i]))
+
+
+def class_weights(labels: np.ndarray) -> tuple[float, float]:
+    """Weights ``N / (2 * N_c)`` for NORMAL and PNEUMONIA, so each class carries half the loss."""
+    n = len(labels)
+    counts = np.bincount(labels, minlength=2)
+    if (counts == 0).any():
+        raise ValueError(f"training data needs both classes, got counts {counts.tolist()}")
+    return float(n / (2 * counts[0])), float(n / (2 * counts[1]))
+
+
+class XrayDataModule(L.LightningDataModule):
+    """Train/val loaders over decoded splits; class balance by sampler when configured."""
+
+    def __init__(self, splits: dict[str, SplitData], config: DataConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.splits = splits
+        self.config = config
+        self.seed = seed
+
+    def _loader(self, dataset: Dataset, **kwargs: object) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.config.batch_size,
+                          num_workers=self.config.num_workers,
+                          persistent_workers=self.config.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        cfg = self.config
+        split = self.splits["train"]
+        dataset = XrayDataset(split)
+        generator = torch.Generator().manual_seed(self.seed)
+        # Dropping a ragged last batch avoids a 1-image BatchNorm batch; tiny sets keep it.
+        drop_last = len(dataset) > cfg.batch_size
+        if cfg.class_balance == "sampler":
+            weights = np.array(class_weights(split.labels))[split.labels]
+            sampler = WeightedRandomSampler(weights.tolist(), num_samples=len(dataset),
+                                            replacement=True, generator=generator)
+            return self._loader(dataset, sampler=sampler, drop_last=drop_last)
+        return self._loader(dataset, shuffle=True, generator=generator, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(XrayDataset(self.splits["val"]))

@@ -1,0 +1,210 @@
+"""The one place where image files become pixel arrays.
+
+Training, evaluation, prediction and serving all decode through :func:`load_grayscale`, so a
+model never sees pixels that went through a different path than the ones it was trained on
+(see ../shared/data/README.md: a model learned the preprocessing history instead of the lungs).
+
+The format is decided by content, never by the file name: DICOM by its ``DICM`` magic at byte
+128 (read with pydicom, the ``dicom`` extra), everything else by Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
+"""File endings treated as images when scanning folders."""
+
+MAX_PIXELS: int = 50_000_000
+"""Images above this many pixels are refused (decompression bombs, absurd scans)."""
+
+
+DICOM_INSTALL_HINT = "pip install 'pneumoscope[dicom]'"
+
+_DICOM_MAGIC_OFFSET = 128
+_DICOM_MAGIC = b"DICM"
+_MIN_SIDE = 8
+
+
+class ImageDecodeError(ValueError):
+    """A file could not be turned into a grayscale image; the message names the file and why."""
+
+
+def is_dicom(head: bytes) -> bool:
+    """Whether ``head`` (the first 132+ bytes of a file) starts a DICOM Part 10 file."""
+    return head[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC
+
+
+def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"{name}: image is {width}x{height} = {width * height} pixels, "
+            f"above the limit of {max_pixels}"
+        )
+    if width < _MIN_SIDE or height < _MIN_SIDE:
+        raise ImageDecodeError(f"{name}: image is only {width}x{height} pixels")
+
+
+def _import_pydicom(name: str) -> Any:
+    try:
+        import pydicom
+    except ImportError as exc:
+        # A per-file error (not ModuleNotFoundError) so a batch goes on with its other files.
+        raise ImageDecodeError(
+            f"{name}: is a DICOM file, and reading DICOM needs pydicom: {DICOM_INSTALL_HINT}"
+        ) from exc
+    return pydicom
+
+
+def _dicom_luts() -> tuple[Any, Any]:
+    try:  # pydicom >= 3
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
+
+
+def _voi_output_range(ds: Any, apply_voi_lut: Any) -> tuple[float, float] | None:
+    """The output range of the VOI transform ``apply_voi_lut`` applies to this dataset, or
+    None when it has none. Scaling over this range (not over the pixels' own min/max) keeps
+    the radiologist's window: an image lying inside the window is not stretched."""
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        # pydicom prefers the LUT over a window when both are present: range of the table.
+        n_entries, first = int(seq[0].LUTDescriptor[0]) or 2**16, int(seq[0].LUTDescriptor[1])
+        table = apply_voi_lut(np.arange(first, first + n_entries, dtype=np.int64), ds)
+        return float(np.min(table)), float(np.max(table))
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        # Infinite inputs land on the two ends of the window's output (linear or sigmoid).
+        ends = apply_voi_lut(np.array([-np.inf, np.inf]), ds)
+        return float(ends[0]), float(ends[1])
+    return None
+
+
+def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> np.ndarray:
+    """Decode a single-frame grayscale DICOM: Modality LUT (rescale), VOI LUT (window),
+    MONOCHROME1 inverted, scaled to uint8 over the windowed range."""
+    pydicom = _import_pydicom(name)
+    try:
+        ds = pydicom.dcmread(fp)
+    except Exception as exc:  # InvalidDicomError, truncated elements, bad VRs ...
+        raise ImageDecodeError(f"{name}: corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
+    if "PixelData" not in ds:
+        kind = ds.get("Modality") or ds.get("SOPClassUID", "?")
+        raise ImageDecodeError(f"{name}: DICOM file has no pixel data (not an image; {kind})")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise ImageDecodeError(f"{name}: multi-frame DICOM ({frames} frames) is not supported; "
+                               "export the frontal view as a single-frame file")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageDecodeError(f"{name}: colour DICOM ({photometric or '?'}, {samples} samples per "
+                               "pixel) is not supported; chest X-rays are MONOCHROME1/2")
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if not rows or not cols:
+        raise ImageDecodeError(f"{name}: DICOM file has no Rows/Columns")
+    # Before touching the pixel data: a header can claim any size.
+    _check_size(name, int(cols), int(rows), max_pixels)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # compressed syntax without a plugin, short pixel data, ...
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        syntax_name = getattr(syntax, "name", syntax) or "?"
+        raise ImageDecodeError(f"{name}: cannot decode DICOM pixel data (transfer syntax "
+                               f"{syntax_name}; {type(exc).__name__}: {exc})") from exc
+    if arr.ndim != 2:
+        raise ImageDecodeError(f"{name}: DICOM pixel data has shape {arr.shape}, expected 2-D")
+    apply_modality_lut, apply_voi_lut = _dicom_luts()
+    try:
+        arr = apply_modality_lut(arr, ds)
+        if (ds.get("VOILUTSequence") and not np.issubdtype(arr.dtype, np.integer)
+                and np.array_equal(arr, np.round(arr))):
+            arr = arr.astype(np.int64)  # a LUT indexes by integers; rescale made whole floats
+        out_range = _voi_output_range(ds, apply_voi_lut)
+        arr = np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
+    except Exception as exc:  # bad window width, unsupported LUT depth, ...
+        raise ImageDecodeError(f"{name}: invalid DICOM LUT/window ({type(exc).__name__}: {exc})") from exc
+    lo, hi = out_range or (float(arr.min()), float(arr.max()))
+    if hi <= lo:
+        gray = np.zeros(arr.shape, dtype=np.uint8)
+    else:
+        gray = np.round(np.clip((arr - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+    # MONOCHROME1: the lowest value is white; every other decoder path gives dark = low.
+    return 255 - gray if photometric == "MONOCHROME1" else gray
+
+
+def _to_uint8_gray(img: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode (L, RGB, RGBA, P, I;16, I, F) to an 8-bit grayscale array."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / float PNGs: scale the full range to 0..255 rather than clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if hi <= lo:
+            return np.zeros(arr.shape, dtype=np.uint8)
+        return np.round((arr - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on black: X-ray backgrounds are dark.
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def load_grayscale(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a JPEG/PNG/DICOM file (path or raw bytes) into a 2-D ``uint8`` grayscale array.
+
+    The format is detected from the content, not the file name. EXIF orientation is applied;
+    DICOM goes through its Modality and VOI LUTs (see :func:`_load_dicom`). Raises
+    :class:`ImageDecodeError` for anything that is not a readable image, or that has more
+    than ``max_pixels`` pixels.
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise ImageDecodeError(f"{name}: cannot open file ({exc.strerror or exc})") from exc
+    try:
+        with fp, warnings.catch_warnings():
+            head = fp.read(_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC))
+            fp.seek(0)
+            if is_dicom(head):
+                return _load_dicom(fp, name, max_pixels)
+            # Pillow warns (DecompressionBombWarning) before it errors; we apply our own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(fp)
+            except UnidentifiedImageError as exc:
+                raise ImageDecodeError(f"{name}: not a recognised image file") from exc
+            except Image.DecompressionBombError as exc:
+                raise ImageDecodeError(f"{name}: image too large ({exc})") from exc
+            width, height = img.size
+            _check_size(name, width, height, max_pixels)
+            try:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_uint8_gray(img)
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from exc
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # any other decoder failure is still the file's fault
+        raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
+    """Resize a grayscale array to ``size x size`` (aspect ratio not kept, as in the reference
+    study and the shared 224x224 copy), with Pillow's bicubic filter."""
+    if gray.shape == (size, size):
+        return gray
+    img = Image.fromarray(gray, mode="L")
+    return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)

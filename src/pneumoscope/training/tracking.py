@@ -1,0 +1,355 @@
+"""Experiment tracking in MLflow: the resolved config as params, per-epoch curves, final
+metrics with 95% CIs, the run folder's files as artifacts, and tags to find runs again.
+
+The default store is local and needs no server: ``<out>/mlflow.db`` (SQLite; MLflow 3 refuses
+the old ``./mlruns`` folder store without an opt-out) with artifacts in ``<out>/mlartifacts``.
+Browse it with ``mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db``.
+
+MLflow is optional (``pip install 'pneumoscope[tracking]'``) and imported only when a run
+starts, so ``pneumoscope --help`` and runs with tracking off do not pay for it. Tracking must
+never cost a training run: with the default store, a missing MLflow or a failing store logs one
+warning and the run goes on untracked. Only an explicit ``tracking.uri`` fails fast, before
+training, because then the user asked for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pneumoscope import __version__
+from pneumoscope.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'pneumoscope[tracking]'"
+STORE_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+RUN_FILES = ("config.yaml", "epochs.csv", "metrics.json", "model.safetensors",
+             "predictions_val.csv", "predictions_test.csv", "splits")
+# Per-epoch row keys that are not metrics (``epoch`` becomes the step).
+_NOT_METRICS = ("epoch", "time")
+_warned_missing = False
+
+
+class TrackingError(ValueError):
+    """The tracking URI the user gave cannot be used. A ``ValueError``, so the CLI reports it
+    like any other bad option value (exit status 2) instead of a traceback."""
+
+
+def default_store_uri(store_root: str | Path) -> str:
+    """``sqlite:////abs/path/<root>/mlflow.db``: what ``mlflow ui --backend-store-uri`` reads."""
+    return f"sqlite:///{(Path(store_root).resolve() / STORE_FILE).as_posix()}"
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"image_size": 32}}`` → ``{"data.image_size": 32}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """Headline numbers of a finished run: ``threshold``, and per split every metric at the
+    chosen threshold with its CI: ``test_auc``, ``test_auc_ci_low``, ``test_auc_ci_high``, ...
+    and ``final_val_auc``, ... (the best model on validation; plain ``val_auc`` is the
+    per-epoch curve)."""
+    out: dict[str, Any] = {key: summary.get(key) for key in (
+        "threshold", "best_val_auc_during_training", "epochs_run", "wall_time_s")}
+    for split, prefix in (("val", "final_val_"), ("test", "test_")):
+        point = (summary.get(split) or {}).get("at_threshold") or {}
+        for name, value in (point.get("metrics") or {}).items():
+            out[f"{prefix}{name}"] = value
+        for name, bounds in (point.get("ci95") or {}).items():
+            if bounds:
+                out[f"{prefix}{name}_ci_low"], out[f"{prefix}{name}_ci_high"] = bounds
+    return {k: float(v) for k, v in out.items() if _is_number(v)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def git_commit() -> str | None:
+    """The commit of the pneumoscope source tree, where it is a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return commit or None
+
+
+def _is_rank_zero() -> bool:
+    # Under DDP every process runs train(); only the first of the first node tracks.
+    return all(os.environ.get(var, "0") in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+class Tracker:
+    """The no-op tracker: what a run gets with tracking off or MLflow missing."""
+
+    active = False
+    run_id: str | None = None
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        """One epoch's values (``train_loss``, ``val_auc``, ...), with ``step = epoch``."""
+
+    def log_final(self, summary: Mapping[str, Any]) -> None:
+        """The run's final metrics with CIs (see :func:`final_metrics`)."""
+
+    def log_artifacts(self, *paths: Path) -> None:
+        """Copy files (and folders, under their own name) into the run's artifacts."""
+
+
+class MlflowTracker(Tracker):
+    """Logs to one MLflow run through the plain client: no global "active run" state, so
+    ``compare`` can hold a parent run open while its model runs come and go."""
+
+    active = True
+
+    def __init__(self, client: Any, run_id: str, experiment_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def _safe(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # A failing store (disk full, server gone) must not end a training run.
+        if not self.active:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            log.warning("MLflow: could not %s (%s); tracking stops for run %s", what, exc, self.run_id)
+            self.active = False
+            return None
+
+    def _log_metrics(self, values: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), stamp, step) for k, v in values.items()]
+        if metrics:
+            self._safe("log metrics", self.client.log_batch, self.run_id, metrics=metrics)
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        self._log_metrics({k: v for k, v in metrics.items()
+                           if k not in _NOT_METRICS and _is_number(v)}, step=int(epoch))
+
+    def log_final(self, summary: Mapping[str, Any]) -> None:
+        self._log_metrics(final_metrics(summary), step=0)
+
+    def log_artifacts(self, *paths: Path) -> None:
+        for path in map(Path, paths):
+            if path.is_dir():
+                self._safe(f"log {path}", self.client.log_artifacts, self.run_id, str(path), path.name)
+            elif path.is_file():
+                self._safe(f"log {path}", self.client.log_artifact, self.run_id, str(path))
+
+    def log_params(self, params: Mapping[str, Any], resumed: bool) -> None:
+        from mlflow.entities import Param
+
+        values = {k: str(v) for k, v in params.items()}
+        if resumed:
+            # MLflow params are write-once; a resume may change some (often train.epochs):
+            # keep the first values and note the new ones as tags.
+            old = self._safe("read params", self.client.get_run, self.run_id)
+            old = old.data.params if old is not None else {}
+            for key in [k for k in values if k in old]:
+                if old[key] != values.pop(key):
+                    self._safe("tag", self.client.set_tag, self.run_id, f"resumed.{key}", str(params[key]))
+        if values:
+            self._safe("log params", self.client.log_batch, self.run_id,
+                       params=[Param(k, v) for k, v in values.items()])
+
+    def end(self, status: str) -> None:
+        self._safe("end the run", self.client.set_terminated, self.run_id, status)
+
+
+def _probe(uri: str) -> None:
+    """Fail in seconds on an unreachable server; MLflow's own client retries for minutes."""
+    parts = urlparse(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=5).close()
+    except OSError as exc:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}); start it, or "
+                            "leave out --tracking-uri to use the local store") from None
+
+
+def _seed_store(db: Path) -> None:
+    """Start a new local store as a copy of an empty one cached per MLflow version: MLflow
+    builds a schema by running ~70 alembic migrations (seconds per store); a copy is instant."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pneumoscope.data.cache import default_cache_dir
+
+    template = default_cache_dir() / "mlflow" / f"empty-store-{mlflow.__version__}.db"
+    try:
+        if not template.is_file():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            partial = template.with_name(f"{template.name}.{os.getpid()}.partial")
+            MlflowClient(tracking_uri=f"sqlite:///{partial.resolve().as_posix()}").search_experiments()
+            os.replace(partial, template)  # atomic: concurrent runs never copy half a file
+        shutil.copyfile(template, db)
+    except Exception as exc:  # MLflow then builds the schema itself
+        log.debug("no MLflow store template (%s)", exc)
+        db.unlink(missing_ok=True)
+
+
+def _forget_cached_stores(uri: str) -> None:
+    """MLflow keeps one store and one database engine per URI for the whole process; ones
+    opened on an earlier file at this path (deleted since, e.g. a rerun in a notebook) would
+    write to the deleted file and leave the new store empty. Private API, hence the guards."""
+    with contextlib.suppress(Exception):
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+    with contextlib.suppress(Exception):
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+
+
+def _open_experiment(config: RunConfig, store_root: Path) -> tuple[Any, str] | None:
+    """An ``MlflowClient`` and the experiment id, or ``None`` when the run goes untracked."""
+    global _warned_missing
+    explicit = config.tracking.uri is not None
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        if explicit:
+            raise ModuleNotFoundError(
+                f"tracking.uri / --tracking-uri needs MLflow: {INSTALL_HINT}") from None
+        if not _warned_missing:
+            log.warning("MLflow is not installed, so this run is not tracked (%s; "
+                        "--no-tracking silences this)", INSTALL_HINT)
+            _warned_missing = True
+        return None
+    uri = config.tracking.uri if explicit else default_store_uri(store_root)
+    artifacts = None
+    if not explicit:
+        artifacts = (store_root.resolve() / ARTIFACT_DIR).as_uri()
+    elif uri.startswith("sqlite:///"):
+        # Otherwise MLflow puts a SQLite store's artifacts in ./mlruns of the current folder.
+        artifacts = (Path(uri.removeprefix("sqlite:///")).resolve().parent / ARTIFACT_DIR).as_uri()
+    try:
+        if explicit:
+            _probe(uri)
+        with warnings.catch_warnings():
+            # MLflow's SQLAlchemy store trips SQLAlchemy 2.1 deprecation warnings: not ours to fix.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if not explicit and not (store_root / STORE_FILE).exists():
+                store_root.mkdir(parents=True, exist_ok=True)
+                _seed_store(store_root / STORE_FILE)
+                _forget_cached_stores(uri)
+            client = MlflowClient(tracking_uri=uri)
+            name = config.tracking.experiment
+            experiment = client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment is not None \
+                else client.create_experiment(name, artifact_location=artifacts)
+    except TrackingError:
+        raise
+    except Exception as exc:
+        if explicit:
+            raise TrackingError(f"cannot track to MLflow at {uri!r}: {exc}") from exc
+        log.warning("MLflow store %s unusable (%s); this run is not tracked", uri, exc)
+        return None
+    log.info("tracking in MLflow: %s (experiment %r)", uri, name)
+    return client, experiment_id
+
+
+def _run_tags(config: RunConfig, run_dir: Path, kind: str) -> dict[str, str]:
+    root = config.data.root
+    tags = {"kind": kind, "run_dir": str(run_dir.resolve()), "pneumoscope_version": __version__,
+            "dataset": Path(root).name if root else "kermany-download",
+            "weights": config.model.weights, "git_commit": git_commit()}
+    if kind == "compare":
+        tags.update(models=config.compare.models, weights=config.compare.weights)
+    else:
+        tags["model"] = config.model.name
+    return {k: v for k, v in tags.items() if v}
+
+
+def _find_run(client: Any, experiment_id: str, run_dir: Path) -> str | None:
+    """The latest earlier run of this run folder (a resumed run continues it)."""
+    folder = str(run_dir.resolve()).replace("'", "\\'")
+    runs = client.search_runs([experiment_id], f"tags.run_dir = '{folder}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def track_run(config: RunConfig, run_dir: Path, *, parent: Tracker | None = None,
+              resume: bool = False, kind: str = "train") -> Iterator[Tracker]:
+    """Open an MLflow run for ``run_dir`` (logging params and tags) and close it with
+    FINISHED, FAILED or KILLED. Yields a no-op :class:`Tracker` when tracking is off.
+
+    The store is ``config.tracking.uri`` or ``<config.out>/mlflow.db``. With ``parent``
+    (``compare``'s run), the run nests under it in the parent's store and experiment.
+    ``resume`` continues the latest run of the same folder where there is one.
+    """
+    if not config.tracking.enabled or not _is_rank_zero() or (parent is not None and not parent.active):
+        yield Tracker()
+        return
+    if isinstance(parent, MlflowTracker):
+        client, experiment_id = parent.client, parent.experiment_id
+    else:
+        opened = _open_experiment(config, Path(config.out))
+        if opened is None:
+            yield Tracker()
+            return
+        client, experiment_id = opened
+    tags = _run_tags(config, run_dir, kind)
+    if parent is not None:
+        tags["mlflow.parentRunId"] = str(parent.run_id)
+    run_id = None
+    try:
+        run_id = _find_run(client, experiment_id, run_dir) if resume else None
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = client.create_run(experiment_id, tags=tags, run_name=run_dir.name).info.run_id
+    except Exception as exc:
+        if config.tracking.uri is not None:
+            raise TrackingError(f"cannot start an MLflow run at {config.tracking.uri!r}: {exc}") from exc
+        log.warning("MLflow: could not start a run (%s); this run is not tracked", exc)
+    if run_id is None:
+        yield Tracker()
+        return
+    tracker = MlflowTracker(client, run_id, experiment_id)
+    tracker.log_params(flatten(config.to_dict()), resumed=resume)
+    try:
+        yield tracker
+    except BaseException as exc:
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end("FINISHED")
+
+
+def compare_config(config: RunConfig, models: list[str], weights: Mapping[str, str]) -> RunConfig:
+    """``config`` with the models and weights ``compare`` actually runs, for its params."""
+    return replace(config, compare=replace(config.compare, models=",".join(models),
+                                           weights=",".join(f"{m}={w}" for m, w in weights.items())))

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscope.config import load_config
+from pneumoscope.data.augment import AugmentConfig, BatchAugment
+from pneumoscope.data.datasets import (
+    XrayDataModule,
+    class_weights,
+    load_pneumoniamnist,
+    load_splits,
+    to_model_input,
+)
+from pneumoscope.data.synthetic import write_pneumoniamnist_npz
+
+
+def test_pneumoniamnist_keeps_official_splits(tmp_path: Path) -> None:
+    path = write_pneumoniamnist_npz(tmp_path / "pm.npz")
+    splits = load_pneumoniamnist(path, 32)
+    with np.load(path) as npz:
+        for name in ("train", "val", "test"):
+            assert splits[name].images.shape == (len(npz[f"{name}_labels"]), 32, 32)
+            np.testing.assert_array_equal(splits[name].labels, npz[f"{name}_labels"].ravel())
+    config = load_config(dotted=[f"data.root={path}", "data.image_size=28"]).data
+    assert load_splits(config, 0)["val"].images.shape[1:] == (28, 28)
+
+
+def test_pneumoniamnist_errors(tmp_path: Path) -> None:
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 28, 28)))
+    with pytest.raises(ValueError, match="not a PneumoniaMNIST file"):
+        load_pneumoniamnist(tmp_path / "bad.npz", 28)
+    with pytest.raises(FileNotFoundError):
+        load_pneumoniamnist(tmp_path / "missing.npz", 28)
+
+
+def test_class_weights_balance_the_loss() -> None:
+    labels = np.array([0] * 26 + [1] * 74)
+    w0, w1 = class_weights(labels)
+    assert w0 * 26 == pytest.approx(w1 * 74) == pytest.approx(50)
+    with pytest.raises(ValueError, match="both classes"):
+        class_weights(np.ones(5, dtype=int))
+
+
+def test_sampler_draws_classes_evenly(kermany_tree: Path) -> None:
+    config = load_config(dotted=[f"data.root={kermany_tree}", "data.image_size=32",
+                                 "data.batch_size=8", "data.class_balance=sampler"]).data
+    splits = load_splits(config, 0)
+    loader = XrayDataModule(splits, config, seed=0).train_dataloader()
+    labels = torch.cat([y for _ in range(20) for _, y in loader])
+    assert 0.4 < labels.mean().item() < 0.6  # the tree itself is 60% pneumonia, 40% normal
+    x, _ = next(iter(loader))
+    assert x.shape == (8, 1, 32, 32) and x.dtype == torch.float32 and x.max() <= 1
+
+
+def test_batch_augment_changes_images_but_keeps_shape_and_range() -> None:
+    torch.manual_seed(0)
+    x = to_model_input(np.random.default_rng(0).integers(0, 255, (6, 40, 40), dtype=np.uint8))
+    out = BatchAugment()(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert (out - x).abs().mean() > 0.01
+    identity = BatchAugment(AugmentConfig(scale=(1, 1), ratio=(1, 1), degrees=0, translate=0,
+                                          brightness=0, contrast=0))
+    torch.testing.assert_close(identity(x), x, atol=1e-4, rtol=0)

@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pneumoscope.cli import main
+from pneumoscope.data.decode import ImageDecodeError
+from pneumoscope.data.synthetic import make_phantom
+from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
+from pneumoscope.models.factory import build_model
+from pneumoscope.serve.predict import PredictionRow, Predictor, collect_inputs, write_rows
+
+GOOD = ("a.jpeg", "b.png", "c16.png", "d.dcm", "sub/e.png")
+BAD = ("corrupt.jpeg", "empty.png", "text.png", "huge.png")
+
+
+def make_checkpoint(path: Path) -> Path:
+    """A random resnet18 at 48 px whose head is scaled up so probabilities differ per image."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none", image_size=48).eval()
+    torch.nn.init.normal_(model.backbone.get_classifier().weight, std=0.3)
+    info = CheckpointInfo(model="resnet18", preprocessing=model.preprocessing, threshold=0.4)
+    return save_checkpoint(path, model, info)
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width x height`` (the pixel data is a few bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def write_dicom(path: Path, pixels: np.ndarray) -> Path:
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.save_as(path, write_like_original=False)
+    return path
+
+
+def write_inputs(root: Path) -> Path:
+    """Good JPEG/PNG/16-bit PNG/DICOM files and bad ones (corrupt, empty, text, absurd size)."""
+    rng = np.random.default_rng(0)
+    phantoms = [make_phantom(rng, 64, pneumonia=i % 2 == 1) for i in range(5)]
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(phantoms[0]).save(root / "a.jpeg", quality=95)
+    Image.fromarray(phantoms[1]).convert("RGB").save(root / "b.png")
+    Image.fromarray(phantoms[2].astype(np.uint16) * 257).save(root / "c16.png")
+    write_dicom(root / "d.dcm", phantoms[3].astype(np.uint16) * 16)
+    Image.fromarray(phantoms[4]).save(root / "sub" / "e.png")
+    (root / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(300))
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("this is a text file, renamed\n")
+    (root / "huge.png").write_bytes(png_with_header(100_000, 100_000))
+    (root / "notes.txt").write_text("not an image suffix: a folder scan skips it\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_inputs(tmp_path_factory.mktemp("inputs") / "scans")
+
+
+@pytest.fixture(scope="module")
+def predictor(ckpt: Path) -> Predictor:
+    return Predictor(ckpt)
+
+
+def test_collect_inputs(inputs: Path) -> None:
+    found = collect_inputs([str(inputs), str(inputs / "a.jpeg"), str(inputs / "sub" / "*.png")])
+    names = [p.relative_to(inputs).as_posix() for p in found]
+    assert sorted(names) == sorted(GOOD + BAD) and len(set(names)) == len(names)
+    assert [str(p) for p in found] == sorted(str(p) for p in found)
+    assert collect_inputs([str(inputs / "*.jpeg")]) == [inputs / "a.jpeg", inputs / "corrupt.jpeg"]
+    assert collect_inputs([str(inputs / "notes.txt")]) == [inputs / "notes.txt"]  # named: kept
+    with pytest.raises(FileNotFoundError, match=r"nope\.png"):
+        collect_inputs([str(inputs / "nope.png")])
+    with pytest.raises(ValueError, match=r"no files match .*\*\.gif"):
+        collect_inputs([str(inputs / "*.gif")])
+
+
+def test_predict_files_rows_and_errors(predictor: Predictor, inputs: Path) -> None:
+    paths = collect_inputs([str(inputs)])
+    rows = predictor.predict_files(paths, batch_size=3, progress=False)
+    assert [r.path for r in rows] == [str(p) for p in paths]
+    by_name = {Path(r.path).relative_to(inputs).as_posix(): r for r in rows}
+    for name in GOOD:
+        r = by_name[name]
+        assert r.error is None and 0.0 <= r.prob_pneumonia <= 1.0, r
+        assert r.label == ("PNEUMONIA" if r.prob_pneumonia >= 0.4 else "NORMAL")
+        assert r.threshold == pytest.approx(0.4) and r.model == "resnet18"
+    for name in BAD:
+        r = by_name[name]
+        assert r.prob_pneumonia is None and r.label is None and name in r.error, r
+    assert "above the limit" in by_name["huge.png"].error or "too large" in by_name["huge.png"].error
+    probs = [by_name[n].prob_pneumonia for n in GOOD]
+    assert np.ptp(probs) > 1e-3  # the scaled-up head gives different probabilities
+    # Same probabilities whatever the batching, and through predict_images / predict_bytes.
+    again = predictor.predict_files([inputs / n for n in GOOD], batch_size=32, progress=False)
+    np.testing.assert_allclose([r.prob_pneumonia for r in again], probs, atol=1e-6)
+    row = predictor.predict_bytes((inputs / "a.jpeg").read_bytes(), name="upload.jpeg")
+    assert row.path == "upload.jpeg" and row.prob_pneumonia == pytest.approx(probs[0], abs=1e-6)
+    with pytest.raises(ImageDecodeError, match=r"upload\.txt"):
+        predictor.predict_bytes(b"hello", name="upload.txt")
+
+
+def test_predict_images_checks_input(predictor: Predictor) -> None:
+    rng = np.random.default_rng(1)
+    imgs = [make_phantom(rng, 48), make_phantom(rng, 100)]  # resized to 48 inside
+    assert predictor.predict_images(imgs).shape == (2,)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        predictor.predict_images([np.zeros((48, 48), np.float32)])
+
+
+def test_concurrent_calls_match_sequential(predictor: Predictor) -> None:
+    rng = np.random.default_rng(2)
+    images = [make_phantom(rng, 48, pneumonia=i % 2 == 1) for i in range(8)]
+    expected = predictor.predict_images(images, batch_size=3)
+    results: dict[int, list[np.ndarray]] = {}
+
+    def work(k: int) -> None:
+        results[k] = [predictor.predict_images(images[k:] + images[:k], batch_size=3)
+                      for _ in range(3)]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, outs in results.items():
+        for out in outs:
+            np.testing.assert_allclose(out, np.roll(expected, -k), atol=1e-6)
+    assert len(results) == 4
+
+
+def test_cli_predict_csv_json_and_exit_status(ckpt: Path, inputs: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out_csv = tmp_path / "res" / "results.csv"
+    assert main(["predict", str(ckpt), str(inputs), "--out", str(out_csv), "--batch-size", "4"]) == 1
+    printed = capsys.readouterr().out
+    assert f"{len(GOOD) + len(BAD)} file(s), {len(BAD)} failed" in printed and str(out_csv) in printed
+    with out_csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(GOOD) + len(BAD)
+    assert list(rows[0]) == ["path", "prob_pneumonia", "label", "threshold", "model", "error"]
+    assert sum(bool(r["error"]) for r in rows) == len(BAD)
+    assert all(0 <= float(r["prob_pneumonia"]) <= 1 for r in rows if not r["error"])
+
+    out_json = tmp_path / "good.json"
+    good_glob = str(inputs / "*.png")  # b.png, c16.png + bad PNGs: use the good ones only
+    assert main(["predict", str(ckpt), str(inputs / "b.png"), str(inputs / "c16.png"),
+                 str(inputs / "sub"), "--out", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    assert [Path(r["path"]).name for r in data] == ["b.png", "c16.png", "e.png"]
+    assert all(r["error"] is None and r["label"] in ("NORMAL", "PNEUMONIA") for r in data)
+    assert main(["predict", str(ckpt), good_glob]) == 1  # the glob also takes the bad PNGs
+    table = capsys.readouterr().out
+    assert "p(pneumonia)" in table and "ERROR:" in table and "5 file(s), 3 failed" in table
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["predict", "{ckpt}", "{inputs}/missing.png"], "input not found"),
+    (["predict", "{ckpt}", "{inputs}", "--out", "x.txt"], "must end in .csv or .json"),
+    (["predict", "{inputs}/a.jpeg", "{inputs}/b.png"], "not a PneumoScope checkpoint"),
+])
+def test_cli_predict_bad_arguments_exit_2(argv: list[str], message: str, ckpt: Path, inputs: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([a.format(ckpt=ckpt, inputs=inputs) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_write_rows_rejects_unknown_suffix(tmp_path: Path) -> None:
+    row = PredictionRow("x.png", 0.7, "PNEUMONIA", 0.5, "resnet18")
+    assert write_rows([row], tmp_path / "r.json").is_file()
+    with pytest.raises(ValueError, match=r"csv or \.json"):
+        write_rows([row], tmp_path / "r.xlsx")
