@@ -237,6 +237,9 @@ def _open_experiment(config: RunConfig, store_root: Path) -> tuple[Any, str] | N
     """An ``MlflowClient`` and the experiment id, or ``None`` when the run goes untracked."""
     global _warned_missing
     explicit = config.tracking.uri is not None
+    # MLflow 3 reports usage to its vendor unless told not to; clinical sites run offline and
+    # should not phone home from a training job. A user can still opt in by setting it to false.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:

@@ -1,0 +1,434 @@
+"""The web service: a FastAPI app that predicts and explains uploaded chest X-rays.
+
+``pneumoscope serve model.safetensors`` runs it with uvicorn on 127.0.0.1:8000. Endpoints:
+
+- ``POST /v1/predict`` (multipart, field ``file``) → ``{probability, label, threshold, model,
+  version, latency_ms, ...}``
+- ``POST /v1/explain`` (``file``; ``method``, default ``gradcam``; ``title``) → heatmap overlay PNG,
+  probability and label in ``X-Probability`` / ``X-Label`` headers
+- ``POST /v1/preview`` (``file``) → the decoded grayscale image as PNG (what the model sees)
+- ``GET /v1/model`` → model card; ``GET /healthz``; ``GET /`` → the web page; ``/docs`` (OpenAPI)
+
+The model is loaded once, when the app is created. Predictions go through one shared
+:class:`~pneumoscope.serve.predict.Predictor` (thread-safe); explanations need the PyTorch
+model and hooks into it, so a second copy of the model is loaded for them only (the CAM code
+forbids explaining a model that other threads run forward passes on). An ``.onnx`` file has no
+PyTorch weights: with one, ``/v1/explain`` answers 501 (start from the ``.safetensors`` with
+``--backend onnx`` to get both).
+
+Uploads stay in memory (see :mod:`pneumoscope.serve.upload`), their type is decided by content
+(JPEG, PNG, DICOM), and decoding and inference run in worker threads, at most
+``max_concurrency`` at a time, so the event loop keeps answering (``/healthz`` included).
+Every error is JSON ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from pneumoscope import __version__
+from pneumoscope.data.decode import MAX_PIXELS, ImageDecodeError, load_grayscale
+from pneumoscope.serve.predict import Backend, Predictor
+from pneumoscope.serve.upload import SUPPORTED_TYPES, Upload, UploadError, read_multipart, sniff_type
+
+SERVE_INSTALL_HINT = "pip install 'pneumoscope[serve]'"
+
+try:
+    import anyio
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as exc:  # an optional extra: say how to get it
+    raise ModuleNotFoundError(f"the web service needs FastAPI and uvicorn ({exc}); install them with "
+                              f"`{SERVE_INSTALL_HINT}`") from exc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
+DISPLAY_MAX_SIDE = 512
+"""Longest side of the preview and overlay images the service returns."""
+
+SERVICE_CAM_METHODS: tuple[str, ...] = (
+    "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "eigengradcam")
+"""CAM methods the service offers. ScoreCAM and AblationCAM run hundreds of forward passes per
+image (minutes on a CPU): one request could occupy the service, so they are CLI-only."""
+
+INTENDED_USE = (
+    "Research and teaching: to study how transfer-learned image classifiers behave on chest "
+    "X-rays (frontal, pediatric). Not for diagnosis, triage or any clinical decision.")
+LIMITATIONS = (
+    "Research use only. Not a medical device; not cleared or approved for clinical use.",
+    "Trained on public pediatric chest films (ages 1-5) from a single centre (Guangzhou Women "
+    "and Children's Medical Center); performance on adults, other hospitals, other scanners or "
+    "other views is unknown: re-validate on the target population (pneumoscope evaluate).",
+    "Two classes only (NORMAL vs PNEUMONIA): other findings (effusion, tuberculosis, COVID-19, "
+    "devices, tumours) are not recognised and may be labelled either way.",
+    "The threshold was chosen on the validation split; the prevalence there (~74% pneumonia) is "
+    "far above most clinical settings, so positive predictive values will be lower in practice.",
+    "Heatmaps show where the evidence for the pneumonia output lies, scaled per image; they are "
+    "not a segmentation of lesions and are not comparable between images.",
+)
+
+_STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                 "style.css": "text/css; charset=utf-8"}
+# The page uses only its own files: no inline script, no CDN (it must work offline).
+_PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
+             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+_UPLOAD_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "chest X-ray: JPEG, PNG (8/16-bit) or DICOM; type decided by content"},
+    }}}}}}
+_EXPLAIN_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["file"], "properties": {
+        "file": _UPLOAD_DOC["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["file"],
+        "method": {"type": "string", "enum": list(SERVICE_CAM_METHODS), "default": "gradcam"},
+        "title": {"type": "boolean", "default": True,
+                  "description": "false: no title strip, the PNG has the preview's size"},
+    }}}}}}
+_ERROR_DOC = {"content": {"application/json": {"example": {"error": "why"}}}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "not a multipart/form-data body", **_ERROR_DOC},
+    413: {"description": "upload larger than the limit", **_ERROR_DOC},
+    415: {"description": "not a JPEG, PNG or DICOM file (by content)", **_ERROR_DOC},
+    422: {"description": "missing file, empty, corrupt, or too many pixels", **_ERROR_DOC},
+}
+_PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON cannot hold NaN/inf (metrics with an undefined value have them): → null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flag(text: str | None, default: bool) -> bool:
+    if text is None or text == "":
+        return default
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise UploadError(422, f"expected true or false, got {text[:40]!r}")
+
+
+def display_image(gray: np.ndarray) -> np.ndarray:
+    """The decoded image at the size the service shows it: longest side at most
+    :data:`DISPLAY_MAX_SIDE` (only ever shrunk), aspect kept."""
+    from PIL import Image
+
+    h, w = gray.shape
+    scale = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
+    if scale < 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        gray = np.asarray(Image.fromarray(gray, mode="L").resize(size, Image.Resampling.BICUBIC))
+    return gray
+
+
+def _png(gray: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class _Explainer:
+    """The PyTorch model kept for explanations, or why there is none."""
+
+    model: Any = None
+    reason: str = ""
+
+
+def _load_explainer(path: Path) -> _Explainer:
+    if path.suffix.lower() == ".onnx":
+        return _Explainer(reason="explanations need the PyTorch checkpoint (.safetensors); this "
+                          "service was started with an ONNX file (serve the .safetensors with "
+                          "--backend onnx to get ONNX predictions and explanations)")
+    try:
+        from pneumoscope.explain import cam  # noqa: F401  (grad-cam is an optional extra)
+    except ModuleNotFoundError as exc:
+        return _Explainer(reason=str(exc))
+    from pneumoscope.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(path)
+    return _Explainer(model=model)
+
+
+class _Service:
+    """Everything the endpoints share: the model(s), the limits, the worker limiter."""
+
+    def __init__(self, checkpoint: str | Path, backend: Backend, max_upload_bytes: int,
+                 max_pixels: int, max_concurrency: int | None) -> None:
+        if max_upload_bytes < 1:
+            raise ValueError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
+        if max_pixels < 64:
+            raise ValueError(f"max_pixels must be at least 64, got {max_pixels}")
+        self.path = Path(checkpoint)
+        self.predictor = Predictor(self.path, backend, max_pixels=max_pixels)
+        self.info = self.predictor.info
+        self.sha256 = _sha256(self.path)
+        self.max_upload_bytes = max_upload_bytes
+        self.max_pixels = max_pixels
+        self.explainer = _load_explainer(self.path)
+        self.dicom_available = importlib.util.find_spec("pydicom") is not None
+        # Bounds the decoded images held at once (a 50-megapixel upload decodes to ~400 MB of
+        # float64 on its way to uint8); the torch model is serialised by the Predictor anyway.
+        self.max_concurrency = max_concurrency or max(2, len(os.sched_getaffinity(0)))
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """``func(*args)`` in a worker thread, at most ``max_concurrency`` at a time."""
+        if self._limiter is None:  # created inside the event loop, on first use
+            self._limiter = anyio.CapacityLimiter(self.max_concurrency)
+        return await anyio.to_thread.run_sync(lambda: func(*args), limiter=self._limiter)
+
+    async def read_image(self, request: Request) -> tuple[bytes, Upload]:
+        """The uploaded file's bytes, checked for presence and type (not yet decoded)."""
+        upload = await read_multipart(request.headers.get("content-type"),
+                                      request.headers.get("content-length"), request.stream(),
+                                      self.max_upload_bytes)
+        if upload.file is None:
+            raise UploadError(422, "no file: send the image in a multipart field named 'file'")
+        if not upload.file:
+            raise UploadError(422, "the uploaded file is empty")
+        kind = sniff_type(upload.file)
+        if kind is None:
+            raise UploadError(415, f"unsupported file type: not a {', '.join(SUPPORTED_TYPES)} "
+                              "image (the type is read from the content, not the name)")
+        if kind == "DICOM" and not self.dicom_available:
+            raise UploadError(415, "DICOM support is not installed on this server: "
+                              "pip install 'pneumoscope[dicom]'")
+        return upload.file, upload
+
+    def decode(self, data: bytes) -> np.ndarray:
+        try:
+            return load_grayscale(data, max_pixels=self.max_pixels)
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(str(exc).replace("<bytes>", "upload", 1)) from exc
+
+    def model_card(self) -> dict[str, Any]:
+        info = self.info
+        return _finite({
+            "name": info.model, "architecture": info.timm_name or info.model,
+            "classes": list(info.class_names), "positive_class": info.class_names[-1],
+            "threshold": info.threshold, "threshold_method": info.threshold_method,
+            "metrics": {"validation": info.metrics.get("val"), "test": info.metrics.get("test")},
+            "preprocessing": info.preprocessing.to_dict(),
+            "model_version": info.version, "created": info.created, "sha256": self.sha256,
+            "backend": self.predictor.backend, "service_version": __version__,
+            "explain_methods": list(SERVICE_CAM_METHODS) if self.explainer.model is not None else [],
+            "explain_unavailable_reason": self.explainer.reason or None,
+            "limits": {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
+                       "accepted_types": list(SUPPORTED_TYPES) if self.dicom_available
+                       else [t for t in SUPPORTED_TYPES if t != "DICOM"]},
+            "intended_use": INTENDED_USE, "limitations": list(LIMITATIONS),
+        })
+
+    def predict(self, data: bytes) -> dict[str, Any]:
+        row = self.predictor.predict_images([self.decode(data)])
+        prob = float(row[0])
+        return {"probability": prob, "label": self.predictor.label(prob),
+                "threshold": self.predictor.threshold, "model": self.info.model,
+                "version": __version__, "backend": self.predictor.backend,
+                "model_sha256": self.sha256[:16]}
+
+    def explain(self, data: bytes, method: str, title: bool) -> tuple[Any, bytes]:
+        from PIL import Image
+
+        from pneumoscope.explain.cam import explain, explanation_title, overlay_png, title_band_height
+
+        gray = self.decode(data)
+        expl = explain(self.explainer.model, self.info, gray, method)
+        png = overlay_png(display_image(gray), expl.heatmap, explanation_title(expl) if title else "")
+        if not title:  # drop the (empty) title strip: the overlay then lines up with the preview
+            img = Image.open(io.BytesIO(png))
+            band = title_band_height(img.width)
+            buf = io.BytesIO()
+            img.crop((0, band, img.width, img.height)).save(buf, format="PNG")
+            png = buf.getvalue()
+        return expl, png
+
+    def preview(self, data: bytes) -> bytes:
+        from PIL import Image
+
+        from pneumoscope.explain.cam import overlay_size, title_band_height
+
+        gray = display_image(self.decode(data))
+        # The size overlay_png gives (narrow images enlarged), without its title strip.
+        w, h = overlay_size(*gray.shape)
+        h -= title_band_height(w)
+        if gray.shape != (h, w):
+            gray = np.asarray(Image.fromarray(gray, mode="L").resize((w, h), Image.Resampling.BICUBIC))
+        return _png(gray)
+
+
+def _static_files() -> dict[str, bytes]:
+    folder = resources.files("pneumoscope.serve") / "static"
+    return {name: (folder / name).read_bytes() for name in _STATIC_FILES}
+
+
+def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
+               max_concurrency: int | None = None) -> FastAPI:
+    """The service for one model file (``.safetensors``, or ``.onnx`` with the onnx backend).
+
+    The model is loaded here, once. ``max_upload_bytes``: larger uploads get 413 (counted while
+    reading). ``max_pixels``: larger images (by their header) get 422 before any pixel is
+    decoded. ``max_concurrency``: decode/inference jobs at once (default: the CPU cores, >= 2).
+    """
+    service = _Service(checkpoint, backend, max_upload_bytes, max_pixels, max_concurrency)
+    static = _static_files()
+    app = FastAPI(
+        title="PneumoScope",
+        version=__version__,
+        description=("Pneumonia probability and heatmaps for chest X-rays (JPEG, PNG, DICOM). "
+                     "**Research use only — not a medical device.**"),
+    )
+    app.state.service = service
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(_: Request, exc: UploadError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(ImageDecodeError)
+    async def _decode_error(_: Request, exc: ImageDecodeError) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()]
+        return _error(422, "invalid request: " + "; ".join(parts))
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        response: Response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if request.url.path.startswith("/v1/"):  # results about a patient's image: never cached
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness: answers from the event loop, even while the workers are busy."""
+        return {"status": "ok", "model": service.info.model, "backend": service.predictor.backend}
+
+    @app.get("/v1/model", tags=["model"])
+    async def model_card() -> JSONResponse:
+        """Model card: classes, threshold, metrics from the checkpoint, preprocessing, limits,
+        intended use and limitations."""
+        return JSONResponse(service.model_card())
+
+    @app.post("/v1/predict", tags=["model"], openapi_extra=_UPLOAD_DOC, responses=_ERRORS)
+    async def predict(request: Request) -> JSONResponse:
+        """Probability of pneumonia for one image, and the label at the model's threshold.
+        ``latency_ms``: decoding and inference on the server (queueing for a worker included)."""
+        data, _ = await service.read_image(request)
+        start = time.perf_counter()
+        result = await service.run(service.predict, data)
+        result["latency_ms"] = round(1000 * (time.perf_counter() - start), 2)
+        return JSONResponse(result)
+
+    @app.post("/v1/explain", tags=["model"], openapi_extra=_EXPLAIN_DOC,
+              responses={**_ERRORS, **_PNG, 501: {"description": "no PyTorch model for CAMs", **_ERROR_DOC}})
+    async def explain(request: Request) -> Response:
+        """Heatmap overlay PNG (Grad-CAM by default) of the pneumonia output; ``X-Probability``,
+        ``X-Label``, ``X-Threshold``, ``X-Method`` headers. Fields may also be query parameters."""
+        if service.explainer.model is None:
+            return _error(501, service.explainer.reason)
+        data, upload = await service.read_image(request)
+        fields = {**request.query_params, **upload.fields}
+        method = (fields.get("method") or "gradcam").strip().lower()
+        if method not in SERVICE_CAM_METHODS:
+            raise UploadError(422, f"unknown or unavailable CAM method {method[:40]!r}; choose from "
+                              f"{', '.join(SERVICE_CAM_METHODS)}")
+        title = _flag(fields.get("title"), True)
+        start = time.perf_counter()
+        expl, png = await service.run(service.explain, data, method, title)
+        return Response(png, media_type="image/png", headers={
+            "X-Probability": f"{expl.probability:.6f}", "X-Label": expl.label,
+            "X-Threshold": f"{expl.threshold:.6f}", "X-Method": method, "X-Model": service.info.model,
+            "X-Latency-Ms": f"{1000 * (time.perf_counter() - start):.2f}"})
+
+    @app.post("/v1/preview", tags=["model"], openapi_extra=_UPLOAD_DOC, responses={**_ERRORS, **_PNG})
+    async def preview(request: Request) -> Response:
+        """The decoded grayscale image as PNG (DICOM windowed, EXIF orientation applied), at the
+        size of an overlay without title: what the model is given, before its square resize."""
+        data, _ = await service.read_image(request)
+        return Response(await service.run(service.preview, data), media_type="image/png")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(static["index.html"], headers={"Content-Security-Policy": _PAGE_CSP})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        if name not in static or name == "index.html":
+            return _error(404, "not found")
+        return Response(static[name], media_type=_STATIC_FILES[name],
+                        headers={"Cache-Control": "no-cache"})
+
+    log.info("serving %s (%s backend, threshold %.3f, uploads up to %d bytes, %d pixels)",
+             service.path, service.predictor.backend, service.info.threshold, max_upload_bytes,
+             max_pixels)
+    return app
+
+
+def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, backend: Backend = "torch",
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
+          on_ready: Callable[[str], None] | None = None) -> None:
+    """Create the app and run it with uvicorn until interrupted. ``on_ready(url)`` is called
+    once the model is loaded, before the server starts listening."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"the web service needs uvicorn; {SERVE_INSTALL_HINT}") from exc
+    app = create_app(checkpoint, backend=backend, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
+    if on_ready is not None:
+        shown = f"[{host}]" if ":" in host else host
+        on_ready(f"http://{shown}:{port}/")
+    # One process: the model is loaded once and shared; workers are threads (see _Service.run).
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "SERVICE_CAM_METHODS", "create_app", "display_image", "serve"]
