@@ -30,7 +30,9 @@ FAST_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000
 TRAIN_EXAMPLE = """example:
   pneumoscope train --data ../shared/data/chest_xray --model efficientnet_lite0 \\
       --weights package --epochs 4 --image-size 192 --out runs
-  pneumoscope train --config configs/quick.yaml --set train.lr=3e-4 --resume"""
+  pneumoscope train --data ../shared/data/chest_xray --model resnet18 --weights none \
+      --set train.freeze_epochs=0 --set train.lr=3e-4 --out runs
+  pneumoscope train ... --resume        # same arguments: continue the interrupted run"""
 EVAL_EXAMPLE = """example:
   pneumoscope evaluate runs/efficientnet_lite0-seed42/model.safetensors \\
       --data ../shared/data/chest_xray --out runs/eval-test

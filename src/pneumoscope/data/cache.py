@@ -111,7 +111,9 @@ def cached_images(
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # Write to temporary names and rename: an interrupted run never leaves a torn cache.
-        tmp_array, tmp_index = array_path.with_suffix(".tmp.npy"), index_path.with_suffix(".tmp")
+        # Per-process names: DDP ranks may build the same cache at the same time.
+        tmp_array = array_path.with_suffix(f".{os.getpid()}.tmp.npy")
+        tmp_index = index_path.with_suffix(f".{os.getpid()}.tmp")
         np.save(tmp_array, result.images)
         tmp_index.write_text(json.dumps({
             "kept": [r.path for r in result.records], "failures": result.failures, "size": size,

@@ -78,7 +78,7 @@ register(ModelSpec("vgg16", "vgg16.tv_in1k", "features.29",
 register(ModelSpec("efficientnet_b0", "efficientnet_b0.ra_in1k", "conv_head",
                    "EfficientNet-B0"))
 register(ModelSpec("efficientnet_lite0", "efficientnet_lite0.ra_in1k", "conv_head",
-                   "EfficientNet-Lite0 (offline ImageNet weights: --weights package)",
+                   "EfficientNet-Lite0",
                    package_weights="efficientnet_lite0"))
 register(ModelSpec("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k",
                    "blocks.11.norm1", "ViT-S/16 Vision Transformer", reshape="vit"))
