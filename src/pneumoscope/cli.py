@@ -53,6 +53,12 @@ EXPORT_EXAMPLE = """example:
 EXPLAIN_EXAMPLE = """example:
   pneumoscope explain runs/resnet18-seed42/model.safetensors scans/ chest.png \\
       --method gradcam,hirescam --out explanations --faithfulness"""
+REPORT_EXAMPLE = """example:
+  pneumoscope report runs/quick-compare            # → runs/quick-compare/report.{html,md}
+  pneumoscope report runs/resnet18-seed42 --out reports/resnet18 --no-cams"""
+SERVE_EXAMPLE = """example:
+  pneumoscope serve runs/efficientnet_lite0-seed42/model.safetensors   # http://127.0.0.1:8000/
+  pneumoscope serve model.safetensors --backend onnx --port 8080 --max-upload-mb 10"""
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -272,6 +278,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pneumoscope.report import build_report
+
+    if args.cam_examples < 0 or args.faithfulness_images < 0:
+        raise ValueError("--cam-examples and --faithfulness-images must be >= 0")
+    paths = build_report(args.run_dir, args.out, cam_examples=args.cam_examples, cams=not args.no_cams,
+                         faithfulness_images=args.faithfulness_images)
+    print(f"report: {paths['html']}\nsummary: {paths['md']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pneumoscope.data.decode import MAX_PIXELS
+    from pneumoscope.serve.app import serve
+
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: the service has no authentication and is for research use "
+                    "only; put it behind an authenticating proxy before exposing it", args.host)
+    backend = args.backend or ("onnx" if Path(args.checkpoint).suffix.lower() == ".onnx" else "torch")
+    serve(args.checkpoint, host=args.host, port=args.port, backend=backend,
+          max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or MAX_PIXELS,
+          on_ready=lambda url: print(f"PneumoScope: open {url} (API docs: {url}docs); Ctrl+C stops",
+                                     flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="pneumoscope", description=__doc__.split("\n")[0],
@@ -336,6 +370,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faithfulness", action="store_true",
                    help="also print the ROAD faithfulness table over the images")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("report", help="an HTML report (plots, Grad-CAM, model cards) of a compare or run",
+                       epilog=REPORT_EXAMPLE, formatter_class=fmt)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a compare folder (leaderboard.json) or a run folder")
+    p.add_argument("--out", help="output folder (default: RUN_DIR)")
+    p.add_argument("--cam-examples", type=int, default=2, metavar="N",
+                   help="Grad-CAM examples per kind (TP/TN/FP/FN) and model (default 2)")
+    p.add_argument("--faithfulness-images", type=int, default=16, metavar="N",
+                   help="test images the ROAD faithfulness is averaged over (default 16; 0: none)")
+    p.add_argument("--no-cams", action="store_true", help="leave out Grad-CAM and faithfulness (faster)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="web service and page: predict and explain uploaded X-rays",
+                       epilog=SERVE_EXAMPLE, formatter_class=fmt)
+    p.add_argument("checkpoint", help="model.safetensors (from train) or model.onnx (from export)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["torch", "onnx"],
+                   help="default: onnx for a .onnx file, torch otherwise")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20)")
+    p.add_argument("--max-pixels", type=int,
+                   help="largest image, in pixels (default 50000000; larger ones get HTTP 422)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="get or check a data set")
     data_sub = p.add_subparsers(dest="data_command", required=True)

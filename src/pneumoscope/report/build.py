@@ -35,7 +35,7 @@ CAM_KINDS = (("tp", "True positives", "pneumonia, called pneumonia"),
              ("fp", "False positives", "normal, called pneumonia"),
              ("fn", "False negatives", "pneumonia, called normal"))
 FAITHFULNESS_PERCENTILES = (10, 20, 50)
-CAM_DISPLAY_SIZE = 224  # px: legible on screen, small enough to keep the file light
+CAM_DISPLAY_SIZE = 192  # px: legible on screen, small enough to keep the file light
 THRESHOLD_METHODS = {
     "youden": "Youden's J (sensitivity + specificity − 1) maximised on the validation split",
     "target_sensitivity": "the highest threshold reaching the target sensitivity on the validation split",
@@ -152,8 +152,11 @@ def load_runs(folder: str | Path) -> tuple[list[Run], dict[str, Any]]:
         summary = json.loads((run_dir / "metrics.json").read_text())
         records, probs = read_predictions(run_dir / "predictions_test.csv")
         labels = np.array([r.label for r in records], dtype=int)
+        with open(run_dir / "predictions_test.csv", newline="") as fh:
+            predicted = np.array([int(r["predicted"]) for r in csv.DictReader(fh)], dtype=int)
         runs.append(Run(summary["model"], run_dir, summary, records,
-                        plots.Scores(labels, probs, float(summary["threshold"])),
+                        plots.Scores(labels, probs, float(summary["threshold"]),
+                                     summary["test"]["at_threshold"]["metrics"].get("auc"), predicted),
                         read_history(run_dir), read_splits(run_dir)))
     return runs, board
 
@@ -161,10 +164,11 @@ def load_runs(folder: str | Path) -> tuple[list[Run], dict[str, Any]]:
 # --- Grad-CAM --------------------------------------------------------------------------------
 
 
-def pick_examples(scores: plots.Scores, k: int) -> dict[str, list[int]]:
+def pick_examples(scores: plots.Scores, k: int, patients: list[str] | None = None) -> dict[str, list[int]]:
     """Indices of the ``k`` most confident true/false positives/negatives: errors the model was
-    surest about teach a reader the most, and so do its clearest successes."""
-    pred = scores.probs >= scores.threshold
+    surest about teach a reader the most, and so do its clearest successes. With ``patients``,
+    at most one image per patient and kind (two films of one child show the reader little new)."""
+    pred = scores.predicted.astype(bool) if scores.predicted is not None else scores.probs >= scores.threshold
     y = scores.labels == 1
     masks = {"tp": y & pred, "tn": ~y & ~pred, "fp": ~y & pred, "fn": y & ~pred}
     out = {}
@@ -172,7 +176,17 @@ def pick_examples(scores: plots.Scores, k: int) -> dict[str, list[int]]:
         idx = np.flatnonzero(mask)
         # Positive calls: highest probability first; negative calls: lowest first.
         order = np.argsort(-scores.probs[idx] if kind in ("tp", "fp") else scores.probs[idx], kind="stable")
-        out[kind] = idx[order[:k]].tolist()
+        chosen: list[int] = []
+        seen: set[str] = set()
+        for i in idx[order].tolist():
+            if len(chosen) == k:
+                break
+            if patients is not None and patients[i]:
+                if patients[i] in seen:
+                    continue
+                seen.add(patients[i])
+            chosen.append(i)
+        out[kind] = chosen
     return out
 
 
@@ -186,11 +200,27 @@ def _resolve(path: str, run_dir: Path) -> Path | None:
     return None
 
 
+def _heatmaps(model: Any, info: Any, images: np.ndarray, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Heatmaps (N, S, S) per CAM method for model-size uint8 images, in batches: what
+    :func:`pneumoscope.explain.cam.explain` computes one image at a time, much faster on a CPU."""
+    from pneumoscope.data.datasets import to_model_input
+    from pneumoscope.explain.cam import _cams, cam_session, resolve_spec
+
+    spec, size = resolve_spec(model, info), info.preprocessing.image_size
+    x_all = to_model_input(images).to(next(model.parameters()).device)
+    out = {}
+    for method, _ in CAM_METHODS:
+        with cam_session(model, spec, method, (size, size)) as cam:
+            out[method] = np.concatenate([_cams(cam, x_all[i:i + batch_size], method)[0]
+                                          for i in range(0, len(x_all), batch_size)])
+    return out
+
+
 def _cam_panels(run: Run, k: int, faithfulness_images: int, seed: int = 0) -> dict[str, Any]:
     """Grad-CAM and Grad-CAM++ panels for the chosen examples, and the ROAD faithfulness of both
     methods over a random sample of test images."""
     from pneumoscope.data.decode import load_grayscale, resize_square
-    from pneumoscope.explain.cam import explain, faithfulness, overlay_png
+    from pneumoscope.explain.cam import faithfulness, overlay_png
     from pneumoscope.models.checkpoint import load_checkpoint
 
     checkpoint = run.run_dir / "model.safetensors"
@@ -200,34 +230,33 @@ def _cam_panels(run: Run, k: int, faithfulness_images: int, seed: int = 0) -> di
     model, info = load_checkpoint(checkpoint)
     size = info.preprocessing.image_size
     display = max(size, CAM_DISPLAY_SIZE)
-    groups = []
+    picked = pick_examples(run.scores, k, [r.patient_id for r in run.records])
+    groups, todo = [], []  # todo: (entry, original image) of the panels to draw
     for kind, title, meaning in CAM_KINDS:
         examples = []
-        for i in pick_examples(run.scores, k)[kind]:
-            rec, prob = run.records[i], float(run.scores.probs[i])
-            entry: dict[str, Any] = {"file": Path(rec.path).name, "prob": prob, "subtype": rec.subtype,
-                                     "images": [], "note": None}
+        for i in picked[kind]:
+            rec = run.records[i]
+            entry: dict[str, Any] = {"file": Path(rec.path).name, "prob": float(run.scores.probs[i]),
+                                     "subtype": rec.subtype, "images": [], "note": None}
+            examples.append(entry)
             path = _resolve(rec.path, run.run_dir)
             if path is None:
                 entry["note"] = f"image not found: {rec.path}"
-                examples.append(entry)
                 continue
             try:
-                gray = load_grayscale(path)
-            except (ValueError, OSError) as exc:
+                todo.append((entry, load_grayscale(path)))
+            except (ValueError, OSError) as exc:  # ImageDecodeError is a ValueError
                 entry["note"] = f"unreadable image: {exc}"
-                examples.append(entry)
-                continue
-            shown = resize_square(gray, display)
-            # The model sees exactly what it saw in evaluation: the original resized to its size.
-            model_input = resize_square(gray, size)
+        groups.append({"kind": kind, "title": title, "meaning": meaning, "examples": examples})
+    if todo:
+        # The model sees exactly what it saw in evaluation: the original resized to its size.
+        heat = _heatmaps(model, info, np.stack([resize_square(g, size) for _, g in todo]))
+        for j, (entry, gray) in enumerate(todo):
+            shown = resize_square(gray, display)  # sharper than the model's input, same framing
             entry["images"].append(("X-ray", overlay_png(shown, np.zeros((size, size), np.float32), "X-ray",
                                                          alpha=0.0, min_width=display)))
             for method, label in CAM_METHODS:
-                expl = explain(model, info, model_input, method)
-                entry["images"].append((label, overlay_png(shown, expl.heatmap, label, min_width=display)))
-            examples.append(entry)
-        groups.append({"kind": kind, "title": title, "meaning": meaning, "examples": examples})
+                entry["images"].append((label, overlay_png(shown, heat[method][j], label, min_width=display)))
 
     table, note = [], None
     rng = np.random.default_rng(seed)
@@ -307,9 +336,10 @@ def _report_markdown(ctx: dict[str, Any], board: dict[str, Any]) -> str:
             lines.append(f"| {row['model']} | {point['label']} | {point['sensitivity']} | "
                          f"{point['specificity']} | {point['accuracy']} | {point['f1']} |")
     if ctx["faithfulness"]:
+        gaps = " | ".join(f"gap {p}%" for p in FAITHFULNESS_PERCENTILES)
         lines += ["", "## Grad-CAM faithfulness (ROAD)", "",
-                  "| model | method | images | " + " | ".join(f"gap {p}%" for p in FAITHFULNESS_PERCENTILES)
-                  + " | mean gap | faithful |", "|---|---|---|" + "---|" * len(FAITHFULNESS_PERCENTILES) + "---|---|"]
+                  f"| model | method | images | {gaps} | mean gap | faithful |",
+                  "|---|---|---|" + "---|" * len(FAITHFULNESS_PERCENTILES) + "---|---|"]
         for row in ctx["faithfulness"]:
             lines.append(f"| {row['model']} | {row['label']} | {row['n']} | "
                          + " | ".join(f"{row['gap'][p]:+.3f}" for p in FAITHFULNESS_PERCENTILES)
@@ -325,6 +355,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def _ci(bounds: list[float] | None) -> str:
     return f"{bounds[0]:.3f}–{bounds[1]:.3f}" if bounds and None not in bounds else ""
+
+
+def _p(comparison: dict[str, Any] | None, key: str) -> str | None:
+    value = (comparison or {}).get(key)
+    return None if value is None else f"{value:.3g}"
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, cam_examples: int = 2,
@@ -369,8 +404,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, cam_
                       for k in ("auc", "pr_auc", "sensitivity", "specificity", "accuracy", "f1")],
             "delta": None if vs is None else f"{vs['auc_difference']:+.3f}",
             "delta_ci": None if vs is None else f"{vs['ci95'][0]:+.3f} to {vs['ci95'][1]:+.3f}",
-            "p_delong": None if vs is None or vs.get("p_delong") is None else f"{vs['p_delong']:.3g}",
-            "p_bootstrap": None if vs is None or vs.get("p_bootstrap") is None else f"{vs['p_bootstrap']:.3g}",
+            "p_delong": _p(vs, "p_delong"), "p_bootstrap": _p(vs, "p_bootstrap"),
             "reference": row["model"] == reference,
         })
 
@@ -379,17 +413,17 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, cam_
         points = []
         for which, label in (("at_threshold", f"val-chosen {r.summary['threshold']:.3f}"), ("at_0.5", "0.5")):
             pm, pci = _point(r, which)["metrics"], _point(r, which)["ci95"]
-            points.append({"label": label, **{k: _fmt(pm.get(k)) for k in
-                                              ("sensitivity", "specificity", "accuracy", "f1")},
-                           **{f"{k}_ci": _ci(pci.get(k)) for k in ("sensitivity", "specificity", "accuracy", "f1")}})
+            keys = ("sensitivity", "specificity", "accuracy", "f1")
+            points.append({"label": label, **{k: _fmt(pm.get(k)) for k in keys},
+                           **{f"{k}_ci": _ci(pci.get(k)) for k in keys}})
         thresholds.append({"model": r.name, "color": colors[r.name], "points": points})
 
     confusions = []
     for r in runs:
         conf = _point(r)["confusion"]
-        confusions.append({"model": r.name, "color": colors[r.name], "threshold": _fmt(r.summary["threshold"]),
-                           "png": _b64(plots.confusion_plot(
-                               conf, f"{r.name} @ {r.summary['threshold']:.3f}", colors[r.name]))})
+        png = plots.confusion_plot(conf, f"{r.name} @ {r.summary['threshold']:.3f}", colors[r.name])
+        confusions.append({"model": r.name, "color": colors[r.name],
+                           "threshold": _fmt(r.summary["threshold"]), "png": _b64(png)})
 
     subtypes = []
     for r in runs:
@@ -426,7 +460,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, cam_
                     for ex in group["examples"]:
                         ex["images"] = [(label, _b64(png)) for label, png in ex["images"]]
                 cam_sections.append({"model": r.name, "color": colors[r.name], **cam})
-                faith_rows += [{"model": r.name, "color": colors[r.name], **row} for row in cam["faithfulness"]]
+                faith_rows += [{"model": r.name, "color": colors[r.name], **row}
+                               for row in cam["faithfulness"]]
     else:
         cam_note = "Grad-CAM panels and the faithfulness check were left out (--no-cams)."
 

@@ -19,11 +19,13 @@ try:
     matplotlib.use("Agg")  # no display: reports are built on servers and in CI
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 except ImportError as exc:  # an optional extra: say how to get it
     raise ModuleNotFoundError(
         f"reports need matplotlib ({exc}): `pip install 'pneumoscope[report]'`") from exc
 
-from sklearn.metrics import auc as area_under, precision_recall_curve, roc_curve
+from sklearn.metrics import auc as area_under
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from pneumoscope.evaluation.metrics import expected_calibration_error, reliability_curve
 
@@ -39,6 +41,10 @@ class Scores:
     labels: np.ndarray
     probs: np.ndarray
     threshold: float
+    auc: float | None = None
+    """The AUC to print in the legend (the leaderboard's, computed from unrounded scores)."""
+    predicted: np.ndarray | None = None
+    """The saved calls (0/1), made before the probabilities were rounded for the CSV."""
 
 
 def model_colors(names: Sequence[str]) -> dict[str, str]:
@@ -78,7 +84,7 @@ def roc_plot(scores: Mapping[str, Scores], colors: Mapping[str, str]) -> bytes:
         c = colors[name]
         if len(np.unique(s.labels)) == 2:
             fpr, tpr, _ = roc_curve(s.labels, s.probs)
-            auc = float(area_under(fpr, tpr))
+            auc = s.auc if s.auc is not None else float(area_under(fpr, tpr))
             ax.plot(fpr, tpr, color=c, lw=2, label=f"{name} (AUC {auc:.3f})")
         x, y, _ = _rates(s, s.threshold)
         ax.plot(x, y, "o", color=c, markeredgecolor="black", ms=8, zorder=3)
@@ -188,7 +194,7 @@ def training_curves_plot(histories: Mapping[str, Mapping[str, Sequence[float | N
     auc_ax.set(xlabel="epoch", ylabel="AUC", title="Validation AUC")
     for ax in (loss_ax, auc_ax):
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=8)
     return _png(fig)

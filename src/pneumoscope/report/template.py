@@ -1,6 +1,9 @@
 """The HTML page of the report (a Jinja2 template): inline CSS only, no scripts, no web fonts, so
 the file opens offline and can be mailed or archived as one file."""
 
+# HTML rows read better unbroken than split at 110 columns.
+# ruff: noqa: E501
+
 from __future__ import annotations
 
 HTML_TEMPLATE = """<!DOCTYPE html>
@@ -36,7 +39,11 @@ nav.toc a:hover { text-decoration: underline; }
 .card .value { font-size: 26px; font-weight: 600; }
 .card .ci { font-size: 12px; color: var(--muted); }
 table { border-collapse: collapse; font-size: 13.5px; margin: 6px 0 10px; }
-th, td { padding: 6px 10px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
+table.board { width: 100%; font-size: 13px; }
+table.board th { font-size: 12px; }
+table.board th, table.board td { padding: 5px 6px; }
+td.name { white-space: nowrap; }
+th, td { padding: 6px 9px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
 th { background: #f0f4f8; font-weight: 600; color: #334e68; }
 th:first-child, td:first-child { text-align: left; }
 td .ci { display: block; font-size: 11px; color: var(--muted); white-space: nowrap; }
@@ -48,18 +55,25 @@ tr.ref td { background: #f3f9ff; }
 .figs figure { margin: 0; }
 img { max-width: 100%; height: auto; display: block; }
 figcaption { font-size: 12.5px; color: var(--muted); margin-top: 4px; max-width: 520px; }
-.camgroup { margin: 8px 0 14px; }
-.examples { display: flex; flex-wrap: wrap; gap: 16px; }
-.example { border: 1px solid var(--line); border-radius: 6px; padding: 8px; background: #fafbfc; }
-.example .row { display: flex; gap: 4px; }
-.example .row img { width: 190px; }
+.camgroups { display: grid; grid-template-columns: repeat(auto-fill, minmax(500px, 1fr)); gap: 10px 18px; }
+.camgroup { margin: 4px 0 8px; }
+.camgroup .examples { display: flex; flex-direction: column; gap: 8px; margin-top: 4px; }
+.example { border: 1px solid var(--line); border-radius: 6px; padding: 6px; background: #fafbfc;
+           width: fit-content; }
+.example .row { display: flex; gap: 3px; }
+.example .row img { width: 158px; }
 .example .cap { font-size: 12px; color: var(--muted); margin-top: 4px; }
 .missing { color: #9b2c2c; font-size: 12.5px; padding: 8px; }
-.modelcard { border-left: 6px solid var(--accent); padding: 4px 18px 8px; margin: 14px 0;
-             background: #fcfdfe; border-radius: 4px; }
-dl { display: grid; grid-template-columns: 190px 1fr; gap: 4px 16px; margin: 6px 0; font-size: 14px; }
+.cardgrid { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 16px; }
+.modelcard { border-left: 6px solid var(--accent); padding: 4px 16px 8px; background: #fcfdfe;
+             border-radius: 4px; border-top: 1px solid var(--line); border-right: 1px solid var(--line);
+             border-bottom: 1px solid var(--line); }
+dl { display: grid; grid-template-columns: 118px 1fr; gap: 5px 12px; margin: 6px 0; font-size: 13.5px; }
+table.compact td { padding: 3px 8px; font-size: 13px; }
+table.compact td.k { color: #334e68; text-align: left; }
 dt { font-weight: 600; color: #334e68; }
 dd { margin: 0; }
+ul.limits { padding-left: 18px; margin: 0; }
 ul.limits li { margin: 3px 0; }
 .yes { color: #1e7b34; font-weight: 600; }
 .no { color: #b42318; font-weight: 600; }
@@ -118,13 +132,13 @@ footer { text-align: center; color: var(--muted); font-size: 12px; margin: 30px 
     intervals below each value. ΔAUC: difference from the reference model ({{ reference }}, best
     validation AUC) with a paired bootstrap 95% CI; p-values from the DeLong test for correlated ROC
     curves and from the paired bootstrap.</p>
-  <div class="wide"><table>
+  <div class="wide"><table class="board">
     <tr><th>model</th><th>weights</th><th>val AUC</th><th>threshold</th><th>ROC-AUC</th><th>PR-AUC</th>
       <th>sensitivity</th><th>specificity</th><th>accuracy</th><th>F1</th><th>ΔAUC vs {{ reference }}</th>
       <th>p (DeLong)</th><th>p (bootstrap)</th></tr>
     {% for row in leaderboard %}
     <tr{% if row.reference %} class="ref"{% endif %}>
-      <td><span class="chip" style="background: {{ row.color }}"></span><strong>{{ row.model }}</strong></td>
+      <td class="name"><span class="chip" style="background: {{ row.color }}"></span><strong>{{ row.model }}</strong></td>
       <td>{{ row.weights }}</td><td>{{ row.val_auc }}</td><td>{{ row.threshold }}</td>
       {% for value, ci in row.cells %}<td>{{ value }}<span class="ci">{{ ci }}</span></td>{% endfor %}
       {% if row.reference %}<td>reference</td><td></td><td></td>
@@ -135,18 +149,16 @@ footer { text-align: center; color: var(--muted); font-size: 12px; margin: 30px 
   </table></div>
 </section>
 
-<section id="roc">
-  <h2>ROC curves</h2>
-  <div class="figs"><figure><img alt="ROC curves of all models" src="{{ roc_png }}">
-    <figcaption>Test split. Filled circle: the validation-chosen operating point; open square: threshold
-      0.5. The dotted diagonal is a model that guesses.</figcaption></figure></div>
-</section>
-
-<section id="pr">
-  <h2>Precision-recall curves</h2>
-  <div class="figs"><figure><img alt="Precision-recall curves of all models" src="{{ pr_png }}">
-    <figcaption>Test split. Precision depends on the prevalence (dotted line): at a clinic with fewer
-      pneumonia cases, precision would be lower at the same sensitivity.</figcaption></figure></div>
+<section id="roc-pr">
+  <h2>ROC and precision-recall curves</h2>
+  <div class="figs">
+    <figure id="roc"><img alt="ROC curves of all models" src="{{ roc_png }}">
+      <figcaption><strong>ROC.</strong> Test split. Filled circle: the validation-chosen operating point;
+        open square: threshold 0.5. The dotted diagonal is a model that guesses.</figcaption></figure>
+    <figure id="pr"><img alt="Precision-recall curves of all models" src="{{ pr_png }}">
+      <figcaption><strong>Precision-recall.</strong> Precision depends on the prevalence (dotted line): at
+        a clinic with fewer pneumonia cases it would be lower at the same sensitivity.</figcaption></figure>
+  </div>
 </section>
 
 <section id="confusion">
@@ -253,6 +265,7 @@ footer { text-align: center; color: var(--muted); font-size: 12px; margin: 30px 
   {% for m in cams %}
   <h3><span class="chip" style="background: {{ m.color }}"></span>{{ m.model }}</h3>
   {% if m.note %}<p class="missing">{{ m.note }}</p>{% endif %}
+  <div class="camgroups">
   {% for g in m.groups %}
   <div class="camgroup"><strong>{{ g.title }}</strong> <span class="note">({{ g.meaning }})</span>
     {% if not g.examples %}<p class="note">None in the test split.</p>{% endif %}
@@ -268,6 +281,7 @@ footer { text-align: center; color: var(--muted); font-size: 12px; margin: 30px 
     {% endfor %}
     </div></div>
   {% endfor %}
+  </div>
   {% endfor %}
 </section>
 
@@ -294,6 +308,7 @@ footer { text-align: center; color: var(--muted); font-size: 12px; margin: 30px 
 
 <section id="model-cards">
   <h2>Model cards</h2>
+  <div class="cardgrid">
   {% for c in cards %}
   <div class="modelcard" style="border-left-color: {{ c.color }}">
     <h3>{{ c.model }}</h3>
@@ -309,14 +324,15 @@ footer { text-align: center; color: var(--muted); font-size: 12px; margin: 30px 
         {{ d.patients }} patients{{ "; " if not loop.last else "." }}{% endfor %}</dd>
       <dt>Decision threshold</dt><dd>{{ c.threshold }}: {{ c.threshold_method }}; frozen for the test
         split. Validation AUC {{ c.val_auc }}.</dd>
-      <dt>Test metrics (95% CI)</dt><dd><table>
-        {% for label, value, ci in c.metrics %}<tr><td>{{ label }}</td><td>{{ value }}</td>
-          <td class="note">{{ ci }}</td></tr>{% endfor %}
-      </table></dd>
+      <dt>Test metrics</dt><dd><table class="compact">
+        {% for pair in c.metrics|batch(2) %}<tr>{% for label, value, ci in pair %}<td class="k">{{ label }}</td>
+          <td>{{ value }}<span class="ci">{{ ci }}</span></td>{% endfor %}</tr>{% endfor %}
+      </table><span class="note">95% bootstrap CIs, at the decision threshold.</span></dd>
       <dt>Limitations</dt><dd><ul class="limits">{% for text in limitations %}<li>{{ text }}</li>{% endfor %}</ul></dd>
     </dl>
   </div>
   {% endfor %}
+  </div>
 </section>
 </main>
 <footer>PneumoScope {{ version }} &middot; every number here can be recomputed from the run folders

@@ -74,13 +74,15 @@ INTENDED_USE = (
     "X-rays (frontal, pediatric). Not for diagnosis, triage or any clinical decision.")
 LIMITATIONS = (
     "Research use only. Not a medical device; not cleared or approved for clinical use.",
-    "Trained on public pediatric chest films (ages 1-5) from a single centre (Guangzhou Women "
-    "and Children's Medical Center); performance on adults, other hospitals, other scanners or "
-    "other views is unknown: re-validate on the target population (pneumoscope evaluate).",
+    "PneumoScope's reference data are public pediatric chest films (ages 1-5) from a single "
+    "centre (Guangzhou Women and Children's Medical Center); a model trained on them is untested "
+    "on adults, other hospitals, other scanners or other views: re-validate on the target "
+    "population (pneumoscope evaluate).",
     "Two classes only (NORMAL vs PNEUMONIA): other findings (effusion, tuberculosis, COVID-19, "
     "devices, tumours) are not recognised and may be labelled either way.",
-    "The threshold was chosen on the validation split; the prevalence there (~74% pneumonia) is "
-    "far above most clinical settings, so positive predictive values will be lower in practice.",
+    "The threshold was chosen on the validation split; in the reference data ~74% of the images "
+    "show pneumonia, far above most clinical settings, so positive predictive values will be lower "
+    "in practice.",
     "Heatmaps show where the evidence for the pneumonia output lies, scaled per image; they are "
     "not a segmentation of lesions and are not comparable between images.",
 )

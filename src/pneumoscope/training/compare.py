@@ -69,6 +69,23 @@ def compare(
         board = build_leaderboard(run_dirs, n_resamples=config.eval.n_bootstrap or 1000,
                                   seed=config.eval.bootstrap_seed)
         paths = write_leaderboard(board, out)
-        parent.log_artifacts(*paths.values())
+        report = write_report(out)
+        parent.log_artifacts(*paths.values(), *report.values())
     log.info("leaderboard: %s", paths["md"])
-    return {"out_dir": out, "leaderboard": board, "paths": paths}
+    return {"out_dir": out, "leaderboard": board, "paths": paths, "report": report}
+
+
+def write_report(out: Path) -> dict[str, Path]:
+    """``report.{html,md}`` in the compare folder. Optional: the models are trained and the
+    leaderboard written already, so a missing extra or a failing report only logs a warning."""
+    try:
+        from pneumoscope.report import build_report
+
+        return build_report(out)
+    except ImportError as exc:
+        log.warning("no report.html (%s); install 'pneumoscope[report]' and run `pneumoscope report %s`",
+                    exc, out)
+    except Exception as exc:
+        log.warning("report.html failed (%s: %s); rebuild it with `pneumoscope report %s`",
+                    type(exc).__name__, exc, out, exc_info=True)
+    return {}
