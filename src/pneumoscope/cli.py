@@ -233,6 +233,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             shown = r.path if len(r.path) <= width else "..." + r.path[-(width - 3):]
             prob = f"{r.prob_pneumonia:.4f}" if r.prob_pneumonia is not None else "-"
             print(f"{shown:<{width}}  {prob:>12}  {r.label or 'ERROR: ' + (r.error or '')}")
+    if args.heatmaps:
+        from pneumoscope.explain.cam import explain_files
+
+        if Path(args.checkpoint).suffix == ".onnx":
+            raise ValueError("--heatmaps needs the model.safetensors checkpoint (CAMs need gradients)")
+        good = [Path(r.path) for r in rows if not r.error]
+        explain_files(args.checkpoint, good, args.heatmaps, methods=("gradcam",),
+                      progress=sys.stderr.isatty())
+        print(f"heatmaps (Grad-CAM overlays and .npy): {args.heatmaps}")
     print(f"{predictor.info.model} ({predictor.backend}, threshold {predictor.threshold:.3f}): "
           f"{len(rows)} file(s), {len(failed)} failed"
           + (f"; results: {args.out}" if args.out else ""))
@@ -349,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnx"],
                    help="default: onnx for a .onnx file, torch otherwise")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--heatmaps", metavar="DIR",
+                   help="also write a Grad-CAM overlay PNG and heatmap .npy per image into DIR")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a model file for deployment (ONNX)",

@@ -205,3 +205,13 @@ def test_write_rows_rejects_unknown_suffix(tmp_path: Path) -> None:
     assert write_rows([row], tmp_path / "r.json").is_file()
     with pytest.raises(ValueError, match=r"csv or \.json"):
         write_rows([row], tmp_path / "r.xlsx")
+
+
+def test_cli_predict_writes_heatmaps_for_the_good_files(ckpt: Path, inputs: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pytorch_grad_cam")
+    heatmaps = tmp_path / "cams"
+    assert main(["predict", str(ckpt), str(inputs / "b.png"), str(inputs / "sub"),
+                 "--heatmaps", str(heatmaps)]) == 0
+    assert sorted(p.name for p in heatmaps.iterdir()) == [
+        "b_gradcam.npy", "b_gradcam.png", "e_gradcam.npy", "e_gradcam.png"]
+    assert np.load(heatmaps / "b_gradcam.npy").ndim == 2
