@@ -50,7 +50,7 @@ def main() -> None:
     (RESULTS / f"{args.tag}.md").write_text(
         f"# {args.tag}\n\nCommand: `{record['command']}`  \nHardware: {hw['cpu']}, "
         f"{hw['cpu_cores_available']} cores, GPU: {hw['gpu'] or 'none'}  \n"
-        f"Wall time (all models, incl. data decoding): {wall / 60:.1f} min\n\n{md}")
+        f"Wall time (all models, data loading, report): {wall / 60:.1f} min\n\n{md}")
     print(md)
 
 
