@@ -94,6 +94,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_epochs: float = 0.5
     freeze_epochs: int = 0
+    linear_probe: bool = False
+    """Keep the pretrained backbone frozen for the whole run (BatchNorm statistics included) and
+    train only the new head: the method of Kermany et al. 2018."""
     """Train only the new head for this many epochs before fine-tuning everything."""
     label_smoothing: float = 0.0
     patience: int = 5

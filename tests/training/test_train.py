@@ -120,3 +120,17 @@ def test_warmup_cosine_schedule() -> None:
     assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
     assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
     assert warmup_cosine(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_linear_probe_changes_only_the_head(kermany_tree: Path, tmp_path: Path) -> None:
+    config = _config(kermany_tree, tmp_path, "model.name=resnet18", "model.weights=none",
+                     "train.epochs=1", "train.limit_train_batches=2", "train.linear_probe=true",
+                     "eval.n_bootstrap=0")
+    torch.manual_seed(config.train.seed)
+    result = train(config, progress=False)
+    model, _ = load_checkpoint(result.checkpoint)
+    torch.manual_seed(config.train.seed)  # train() seeds the same way before building the model
+    start = build_model("resnet18", "none", image_size=64)
+    trained, initial = model.backbone.state_dict(), start.backbone.state_dict()
+    changed = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    assert changed and changed <= {"fc.weight", "fc.bias"}, changed

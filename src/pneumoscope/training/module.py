@@ -70,10 +70,16 @@ class ClassifierModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Frozen-backbone warm-up: only the new head learns for the first freeze_epochs,
         # so large early gradients do not wreck the pretrained features.
-        frozen = self.current_epoch < self.config.freeze_epochs
+        frozen = self.config.linear_probe or self.current_epoch < self.config.freeze_epochs
         head = {id(p) for p in self.model.head_parameters()}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in head or not frozen)
+        if self.config.linear_probe:
+            # A true probe: frozen features, so BatchNorm keeps its ImageNet statistics too.
+            head_modules = set(self.model.backbone.get_classifier().modules())
+            for module in self.model.backbone.modules():
+                if module not in head_modules and isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
