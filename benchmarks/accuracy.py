@@ -133,6 +133,40 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Reference rows quoted from the papers named, and the project's target; not produced here.
+REFERENCES = [
+    ("Kermany et al., Cell 2018 (frozen InceptionV3)", "Kermany test", 0.968, 0.928, 0.932, 0.901,
+     "published"),
+    ("Target: Lite0 fine-tune on 2 CPU cores", "Kermany test", 0.975, 0.93, 0.95, 0.88, "project goal"),
+    ("MedMNIST v2: ResNet-18 (28)", "PneumoniaMNIST test", 0.944, 0.854, None, None, "published"),
+    ("MedMNIST v2: ResNet-50 (224)", "PneumoniaMNIST test", 0.962, 0.884, None, None, "published"),
+    ("MedMNIST v2: AutoKeras", "PneumoniaMNIST test", 0.947, 0.878, None, None, "published"),
+    ("MedMNIST v2: Google AutoML Vision", "PneumoniaMNIST test", 0.991, 0.946, None, None, "published"),
+]
+
+
+def summary() -> str:
+    """Our rows (from the result files present) beside the published references."""
+    def cell(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+
+    lines = ["| model | data | AUC | accuracy | sensitivity | specificity | source |",
+             "|---|---|---|---|---|---|---|"]
+    for name in RECIPES:
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        m, ci = r["metrics"], r["ci95"]
+        cells = [f"{m[k]:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" for k in ("auc", "accuracy", "sensitivity",
+                                                                      "specificity")]
+        lines.append(f"| **PneumoScope {name}** (mean of {len(r['seeds'])} seeds) | {r['dataset']} | "
+                     + " | ".join(cells) + f" | `benchmarks/results/{name}.json` |")
+    for label, data, *vals, source in REFERENCES:
+        lines.append(f"| {label} | {data} | " + " | ".join(cell(v) for v in vals) + f" | {source} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="Kermany folder (train/val/test)")
@@ -140,7 +174,13 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/accuracy")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="only rebuild results/accuracy-summary.md from the result files")
     args = parser.parse_args()
+    if args.summary_only:
+        (RESULTS / "accuracy-summary.md").write_text(summary())
+        print(summary())
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     seeds = [int(s) for s in args.seeds.split(",")]
     RESULTS.mkdir(exist_ok=True)
@@ -152,6 +192,7 @@ def main() -> None:
         result = run_recipe(name, root, seeds, Path(args.out))
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"{name}.md").write_text(markdown(result))
+        (RESULTS / "accuracy-summary.md").write_text(summary())
         print(markdown(result))
 
 
