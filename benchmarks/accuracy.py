@@ -91,6 +91,7 @@ def run_recipe(name: str, root: str, seeds: list[int], out: Path, *,
                          "metrics": test["at_threshold"]["metrics"],
                          "ci95": test["at_threshold"]["ci95"],
                          "metrics_at_0.5": test["at_0.5"]["metrics"],
+                         "ci95_at_0.5": test["at_0.5"]["ci95"],
                          "by_subtype": test.get("by_subtype"),
                          "val_metrics": val["at_threshold"]["metrics"],
                          "val_auc": val["at_threshold"]["metrics"]["auc"],
@@ -109,6 +110,7 @@ def run_recipe(name: str, root: str, seeds: list[int], out: Path, *,
         "model": "efficientnet_lite0", "recipe": name, "dataset": recipe["dataset"], "split": "test",
         "threshold": float(np.mean(thresholds)), "threshold_method": "youden on validation, per seed",
         "metrics": mean, "ci95": seed_mean_ci(labels, probs, thresholds),
+        "ci95_at_0.5": seed_mean_ci(labels, probs, [0.5] * len(probs)),
         "seed_range": spread, "metrics_at_0.5": mean_05, "subtype_recall": subtype_recall,
         "seeds": per_seed, "wall_time_s": round(wall, 1),
         "wall_time_per_seed_s": [s["wall_time_s"] for s in per_seed],
@@ -123,13 +125,15 @@ def markdown(result: dict[str, Any]) -> str:
              f"GPU: {result['hardware']['gpu'] or 'none'}  ",
              f"Wall time: {result['wall_time_s'] / 60:.1f} min for {len(result['seeds'])} seeds "
              f"({', '.join(f'{t / 60:.1f}' for t in result['wall_time_per_seed_s'])} min each)", "",
-             "| metric | mean over seeds | 95% CI (test bootstrap) | seed range | mean at 0.5 |",
-             "|---|---|---|---|---|"]
+             "| metric | mean over seeds | 95% CI (test bootstrap) | seed range | mean at 0.5 "
+             "| 95% CI at 0.5 |",
+             "|---|---|---|---|---|---|"]
     for m in METRIC_NAMES:
         lo, hi = result["ci95"][m]
         a, b = result["seed_range"][m]
+        lo5, hi5 = result["ci95_at_0.5"][m]
         lines.append(f"| {m} | {result['metrics'][m]:.3f} | {lo:.3f}–{hi:.3f} | {a:.3f}–{b:.3f} | "
-                     f"{result['metrics_at_0.5'][m]:.3f} |")
+                     f"{result['metrics_at_0.5'][m]:.3f} | {lo5:.3f}–{hi5:.3f} |")
     if result["subtype_recall"]:
         lines += ["", "Recall per subtype (mean over seeds): " + ", ".join(
             f"{k} {v:.3f}" for k, v in result["subtype_recall"].items())]
