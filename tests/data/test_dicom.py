@@ -11,42 +11,9 @@ from PIL import Image
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError, is_dicom, load_grayscale
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-
-
-def write_dicom(path: Path, pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2",
-                bits_stored: int = 12, rows: int | None = None, cols: int | None = None,
-                frames: int = 1, samples: int = 1, **elements: object) -> Path:
-    """A small uncompressed single-file DICOM; ``elements`` become top-level attributes."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = DX_STORAGE, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    if pixels is not None:
-        shape = pixels.shape[-2:]
-        ds.Rows, ds.Columns = rows or shape[0], cols or shape[1]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
-        ds.PixelRepresentation = 0
-        if samples > 1:
-            ds.PlanarConfiguration = 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    if int(pydicom.__version__.split(".")[0]) >= 3:
-        ds.save_as(path, enforce_file_format=True)
-    else:
-        ds.save_as(path, write_like_original=False)
-    return path
-
+from conftest import write_dicom  # noqa: E402
 
 STORED = np.tile(np.linspace(0, 2000, 64).round().astype(np.uint16), (16, 1))  # 16 x 64
 

@@ -1,9 +1,9 @@
 """Batch augmentation: one random affine resampling plus brightness/contrast per image,
 applied to a whole batch at once on the training device.
 
-Per-image torchvision transforms cost ~20 ms an image on this project's 2-core CPUs (as much
-as the model's own step at small sizes); one ``grid_sample`` call for the batch costs a few ms
-and runs on the GPU when there is one.
+Per-image torchvision transforms are Python-level work for every image, in the data loader,
+on the CPU; one ``grid_sample`` call for the whole batch is one kernel and runs on the GPU
+when there is one.
 """
 
 from __future__ import annotations

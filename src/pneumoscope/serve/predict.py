@@ -134,7 +134,7 @@ class Predictor:
         if backend == "torch":
             from pneumoscope.models.checkpoint import load_checkpoint
 
-            # channels_last: 1.5-1.8x faster CNN inference on CPU (see models.factory).
+            # channels_last: oneDNN's faster NHWC convolutions on CPU (see models.factory).
             self._model, self.info = load_checkpoint(path, channels_last=True)
         else:
             from pneumoscope.serve import export
