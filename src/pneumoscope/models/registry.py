@@ -32,6 +32,10 @@ class ModelSpec:
     """Name of an offline weight loader in :mod:`pneumoscope.models.pretrained` (``--weights package``)."""
     seed_study: bool = False
     """One of the five architectures of the study PneumoScope started from."""
+    cpu_bf16: bool = False
+    """Train with bf16 autocast on CPUs with native bf16 (``train.precision=auto``): set where
+    it was measured faster (``benchmarks/speed.py``, levers section); depthwise-convolution
+    nets such as EfficientNet run slower in bf16 on CPU, so it is per architecture."""
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -65,15 +69,15 @@ def list_specs() -> list[ModelSpec]:
 
 # --- the five architectures of the seed study (Keras names in the family text) ---
 register(ModelSpec("densenet121", "densenet121.tv_in1k", "features.norm5",
-                   "DenseNet121 (Keras DenseNet121)", seed_study=True))
+                   "DenseNet121 (Keras DenseNet121)", seed_study=True, cpu_bf16=True))
 register(ModelSpec("convnext_base", "convnext_base.fb_in22k_ft_in1k", "stages.3",
                    "ConvNeXt-Base (Keras ConvNeXtBase)", seed_study=True))
 register(ModelSpec("resnetv2_50", "resnetv2_50.a1h_in1k", "stages.3",
-                   "ResNet50 v2, pre-activation (Keras ResNet50V2)", seed_study=True))
+                   "ResNet50 v2, pre-activation (Keras ResNet50V2)", seed_study=True, cpu_bf16=True))
 register(ModelSpec("resnetv2_101", "resnetv2_101.a1h_in1k", "stages.3",
-                   "ResNet101 v2, pre-activation (Keras ResNet101V2)", seed_study=True))
+                   "ResNet101 v2, pre-activation (Keras ResNet101V2)", seed_study=True, cpu_bf16=True))
 register(ModelSpec("vgg16", "vgg16.tv_in1k", "features.29",
-                   "VGG16 (Keras VGG16)", seed_study=True))
+                   "VGG16 (Keras VGG16)", seed_study=True, cpu_bf16=True))
 # --- modern and small models ---
 register(ModelSpec("efficientnet_b0", "efficientnet_b0.ra_in1k", "conv_head",
                    "EfficientNet-B0"))

@@ -13,9 +13,11 @@ Each run is a folder::
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from pneumoscope.evaluation.inference import predict_proba
 from pneumoscope.evaluation.threshold import choose_threshold
 from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
 from pneumoscope.models.factory import build_model
+from pneumoscope.models.registry import get_spec
 from pneumoscope.training.module import ClassifierModule
 from pneumoscope.training.tracking import RUN_FILES, Tracker, track_run
 
@@ -53,12 +56,31 @@ class RunResult:
     wall_time_s: float
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: mixed precision on CUDA (bf16 where supported), full fp32 on CPU."""
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), per ``/proc/cpuinfo``;
+    elsewhere bf16 is emulated and slower than fp32, so False where it cannot be told."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, accelerator: str, model: str | None = None) -> str:
+    """``auto``: mixed precision on CUDA (bf16 where supported); on CPU, bf16 autocast for
+    registry models marked ``cpu_bf16`` when the CPU has native bf16, else full fp32."""
     if precision != "auto":
         return precision
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator in ("auto", "cpu") and model is not None and get_spec(model).cpu_bf16 \
+            and cpu_supports_bf16():
+        return "bf16-mixed"
     return "32-true"
 
 
@@ -70,13 +92,14 @@ def _data_summary(splits: dict[str, SplitData]) -> dict[str, Any]:
 
 
 def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitData] | None = None,
-          progress: bool = True, tracking_parent: Tracker | None = None) -> RunResult:
+          progress: bool = True, tracking_parent: Tracker | None = None,
+          callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """Train, pick the best epoch and the threshold on validation, evaluate on test once.
 
     ``resume`` continues from ``RUN/checkpoints/last.ckpt``. ``splits`` lets a caller
     (e.g. ``compare``) decode the data once and share it between models. The run is tracked
     in MLflow unless ``config.tracking.enabled`` is off; ``tracking_parent`` nests it under
-    ``compare``'s run.
+    ``compare``'s run. ``callbacks`` are extra Lightning callbacks (e.g. a benchmark's timers).
     """
     start = time.perf_counter()
     run_dir = config.run_dir
@@ -91,11 +114,12 @@ def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitDat
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     with track_run(config, run_dir, parent=tracking_parent, resume=resume) as tracker:
         return _fit_and_evaluate(config, tracker, resume=resume, splits=splits, progress=progress,
-                                 start=start)
+                                 start=start, extra_callbacks=callbacks)
 
 
 def _fit_and_evaluate(config: RunConfig, tracker: Tracker, *, resume: bool,
-                      splits: dict[str, SplitData] | None, progress: bool, start: float) -> RunResult:
+                      splits: dict[str, SplitData] | None, progress: bool, start: float,
+                      extra_callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """The body of :func:`train` once the run folder exists."""
     run_dir = config.run_dir
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -123,13 +147,14 @@ def _fit_and_evaluate(config: RunConfig, tracker: Tracker, *, resume: bool,
                                     monitor="val_auc", mode="max", save_last=True,
                                     enable_version_counter=False)
     callbacks: list[L.Callback] = [
-        checkpointing, EarlyStopping(monitor="val_auc", mode="max", patience=tc.patience)]
+        checkpointing, EarlyStopping(monitor="val_auc", mode="max", patience=tc.patience),
+        *extra_callbacks]
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     trainer = L.Trainer(
         max_epochs=tc.epochs, accelerator=tc.accelerator, devices=tc.devices,
         strategy=tc.strategy, num_nodes=tc.num_nodes,
-        precision=resolve_precision(tc.precision, tc.accelerator),
+        precision=resolve_precision(tc.precision, tc.accelerator, config.model.name),
         limit_train_batches=tc.limit_train_batches if tc.limit_train_batches <= 1
         else int(tc.limit_train_batches),
         callbacks=callbacks, logger=False,
