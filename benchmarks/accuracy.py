@@ -15,6 +15,7 @@ Writes ``benchmarks/results/<recipe>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import shlex
@@ -70,6 +71,23 @@ def seed_mean_ci(labels: np.ndarray, probs: list[np.ndarray], thresholds: list[f
             for m, v in values.items()}
 
 
+def normal_series(file: str) -> str:
+    """Kermany NORMAL files come in two name series, ``IM-...`` and ``NORMAL2-IM-...``."""
+    return "NORMAL2" if file.startswith("NORMAL2-") else "IM"
+
+
+def specificity_by_series(predictions: Path) -> dict[str, dict[str, float]]:
+    """Specificity of each NORMAL file-name series in a predictions CSV (diagnosis only)."""
+    with open(predictions, newline="") as fh:
+        normals = [row for row in csv.DictReader(fh) if row["label"] == "0"]
+    out: dict[str, dict[str, float]] = {}
+    for series in sorted({normal_series(r["file"]) for r in normals}):
+        rows = [r for r in normals if normal_series(r["file"]) == series]
+        out[series] = {"n": len(rows),
+                       "specificity": sum(r["predicted"] == "0" for r in rows) / len(rows)}
+    return out
+
+
 def run_recipe(name: str, root: str, seeds: list[int], out: Path, *,
                from_runs: bool = False) -> dict[str, Any]:
     """Train each seed (or, with ``from_runs``, reuse finished run folders) and summarise."""
@@ -96,6 +114,10 @@ def run_recipe(name: str, root: str, seeds: list[int], out: Path, *,
                          "val_metrics": val["at_threshold"]["metrics"],
                          "val_auc": val["at_threshold"]["metrics"]["auc"],
                          "wall_time_s": summary["wall_time_s"], "run_dir": str(config.run_dir)})
+        if recipe["data"] == "kermany":
+            per_seed[-1]["specificity_by_series"] = {
+                split: specificity_by_series(config.run_dir / f"predictions_{split}.csv")
+                for split in ("val", "test")}
     # Training time of the seeds (from their run folders), not of this summary.
     wall = sum(s["wall_time_s"] for s in per_seed) if from_runs else time.perf_counter() - start
     assert labels is not None
@@ -144,6 +166,17 @@ def markdown(result: dict[str, Any]) -> str:
                   + "; ".join(f"seed {s['seed']}: AUC {s['val_metrics']['auc']:.3f}, sensitivity "
                               f"{s['val_metrics']['sensitivity']:.3f}, specificity "
                               f"{s['val_metrics']['specificity']:.3f}" for s in result["seeds"])]
+    if all("specificity_by_series" in s for s in result["seeds"]):
+        lines += ["", "Where the specificity is lost (a diagnosis made after the fact, used for no "
+                  "choice): specificity of each NORMAL file-name series at each seed's threshold.", "",
+                  "| seed | series | validation (n) | test (n) |", "|---|---|---|---|"]
+        for s in result["seeds"]:
+            by = s["specificity_by_series"]
+            for series in sorted(set(by["val"]) | set(by["test"])):
+                v, t = by["val"].get(series), by["test"].get(series)
+                lines.append(f"| {s['seed']} | {series} "
+                             f"| {v['specificity']:.3f} ({v['n']}) | {t['specificity']:.3f} ({t['n']}) |"
+                             if v and t else f"| {s['seed']} | {series} | {v} | {t} |")
     return "\n".join(lines) + "\n"
 
 

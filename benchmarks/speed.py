@@ -134,7 +134,15 @@ def _epoch_timer() -> Any:
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
             self.t0 = self.last = time.perf_counter()
-            self.gap_s = self.augment_s = 0.0
+            self.gap_s = self.augment_s = self.val_s = 0.0
+
+        # Lightning runs the validation pass inside the training epoch (before
+        # on_train_epoch_end); it is not training work and the Keras side has none: excluded.
+        def on_validation_start(self, trainer: Any, module: Any) -> None:
+            self.val_t0 = time.perf_counter()
+
+        def on_validation_end(self, trainer: Any, module: Any) -> None:
+            self.val_s += time.perf_counter() - self.val_t0
 
         def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, idx: int) -> None:
             self.gap_s += time.perf_counter() - self.last
@@ -143,11 +151,11 @@ def _epoch_timer() -> Any:
             self.last = time.perf_counter()
 
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-            total = time.perf_counter() - self.t0
+            total = time.perf_counter() - self.t0 - self.val_s
             # Lightning calls the augmentation between fetching and on_train_batch_start.
             augment_inside_gap = min(self.augment_s, self.gap_s)
             self.rows.append({"epoch_s": total, "augment_s": self.augment_s,
-                              "fetch_s": self.gap_s - augment_inside_gap})
+                              "fetch_s": self.gap_s - augment_inside_gap, "validation_s": self.val_s})
 
     return EpochTimer()
 
@@ -233,7 +241,7 @@ def work_infer(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         import torch
 
-        from pneumoscope.data.datasets import to_model_input
+        from pneumoscope.data.datasets import to_model_input, to_model_input_numpy
         from pneumoscope.models.factory import build_model
 
         model = build_model(name, "none", image_size=size, channels_last=backend == "tuned").eval()
@@ -246,7 +254,7 @@ def work_infer(spec: dict[str, Any]) -> dict[str, Any]:
             session = ort_session(export_bytes(model, info))
 
             def fn(x: np.ndarray) -> np.ndarray:
-                return session.run([OUTPUT_NAME], {INPUT_NAME: to_model_input(x).numpy()})[0]
+                return session.run([OUTPUT_NAME], {INPUT_NAME: to_model_input_numpy(x)})[0]
         else:
             # "eager": what a plain PyTorch script does; "tuned": PneumoScope's predict path
             # settings (channels_last model, inference_mode, malloc env from the parent).
@@ -555,6 +563,52 @@ def _fmt(x: float, digits: int = 1) -> str:
     return f"{x:.{digits}f}"
 
 
+def _registry_bf16(name: str) -> str:
+    from pneumoscope.models.registry import get_spec
+
+    try:
+        return str(get_spec(name).cpu_bf16)
+    except KeyError:
+        return "not registered"
+
+
+def targets_table(s: dict[str, Any]) -> list[str]:
+    """The issue's targets beside what this run measured (sections that ran only)."""
+    rows = []
+
+    def row(target: str, measured: str, met: bool) -> None:
+        rows.append(f"| {target} | {measured} | {'met' if met else '**missed**'} |")
+
+    if "train" in s:
+        for model, r in s["train"]["models"].items():
+            row(f"training epoch ≥ 2x the Keras reference ({model})",
+                f"{r['speedup_warm']:.2f}x warm, {r['speedup_first']:.2f}x first epoch "
+                f"({r['speedup_warm_vs_keras_bf16']:.2f}x vs Keras mixed_bfloat16)",
+                r["speedup_warm"] >= 2)
+    if "predict" in s:
+        p95 = s["predict"]["torch/224px-jpeg"]["p95_ms"]
+        row("Lite0 predict path, batch-1 p95 ≤ 50 ms (224-px JPEG, torch backend)",
+            f"{p95:.1f} ms", p95 <= 50)
+        big = s["predict"]["torch/2048px-jpeg"]["p95_ms"]
+        row("same, 2048-px JPEG (decode included)", f"{big:.1f} ms", big <= 50)
+    if "infer" in s and "efficientnet_lite0" in s["infer"]:
+        r = s["infer"]["efficientnet_lite0"]
+        row("ONNX Runtime ≥ 1.2x PyTorch eager (Lite0)",
+            f"{r['onnx_vs_eager_batch']:.2f}x batch 32, {r['onnx_vs_eager_p50']:.2f}x batch-1 p50",
+            min(r["onnx_vs_eager_batch"], r["onnx_vs_eager_p50"]) >= 1.2)
+    shares = []
+    if "scale" in s:
+        shares += [p["fetch_share"] + p["augment_share"] for p in s["scale"]["points"]]
+    if "train" in s:
+        shares += [r["pneumoscope"]["data_share_warm"] for r in s["train"]["models"].values()]
+    if shares:
+        row("data loading < 10% of an epoch after the first (fetch + augmentation)",
+            f"at most {100 * max(shares):.1f}%", max(shares) < 0.10)
+    if not rows:
+        return []
+    return ["## Targets", "", "| target | measured | |", "|---|---|---|", *rows, ""]
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     hw = result["hardware"]
     lines = ["# Speed: PneumoScope beside the reference Keras pipeline", "",
@@ -564,6 +618,11 @@ def to_markdown(result: dict[str, Any]) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + "  ",
              f"Wall time: {result['wall_time_s'] / 60:.1f} min", ""]
     s = result["sections"]
+    if result.get("earlier_runs"):
+        lines += ["Sections were measured by different invocations (`--update`); each section's "
+                  "command and commit are in the JSON's `provenance`: " + ", ".join(
+                      f"{k} at {v['git_commit']}" for k, v in result.get("provenance", {}).items()), ""]
+    lines += targets_table(s)
     if "train" in s:
         t = s["train"]
         setup = t["setup"]
@@ -622,10 +681,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"bf16 autocast per architecture (224 px, batch 16; CPU has native bf16: "
                   f"{lv['cpu_supports_bf16']}). `ModelSpec.cpu_bf16` turns it on by default where "
                   "it is faster.", "",
-                  "| model | fp32 img/s | bf16 img/s | bf16 speed-up | registry cpu_bf16 |",
+                  "| model | fp32 img/s | bf16 img/s | bf16 speed-up | `cpu_bf16` in the registry now |",
                   "|---|---|---|---|---|"]
         lines += [f"| {k} | {_fmt(v['fp32_images_per_s'], 2)} | {_fmt(v['bf16_images_per_s'], 2)} "
-                  f"| {v['bf16_speedup']:.2f}x | {v['registry_cpu_bf16']} |"
+                  f"| {v['bf16_speedup']:.2f}x | {_registry_bf16(k)} |"
                   for k, v in lv["bf16_by_model"].items()]
         lines.append("")
     if "precision" in s:
@@ -661,7 +720,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train-images", type=int, default=256)
     parser.add_argument("--out", default=str(RESULTS / "speed-cpu"), help="result path without suffix")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other sections of an existing OUT.json, replace the ones run")
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="rewrite OUT.md from an existing OUT.json")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        out = Path(args.out)
+        result = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(to_markdown(result) + "\n")
+        return 0
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(WORKERS[spec.pop("kind")](spec)))
@@ -701,13 +769,24 @@ def main(argv: list[str] | None = None) -> int:
             result["versions"][pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             result["versions"][pkg] = "not installed"
+    out = Path(args.out)
+    if args.update and out.with_suffix(".json").is_file():
+        previous = json.loads(out.with_suffix(".json").read_text())
+        result["sections"] = previous["sections"]
+        result["provenance"] = previous.get("provenance", {})
+        # What each section was measured with stays on record beside it.
+        result["earlier_runs"] = [*previous.get("earlier_runs", []),
+                                  {k: previous[k] for k in ("command", "hardware", "versions", "wall_time_s")
+                                   if k in previous}]
     runners = {"train": section_train, "infer": section_infer, "predict": section_predict,
                "levers": section_levers, "precision": section_precision, "scale": section_scale}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in sections:
         log(f"[{name}]")
         result["sections"][name] = runners[name](args, log)
+        result.setdefault("provenance", {})[name] = {
+            "command": result["command"], "git_commit": result["versions"].get("git_commit"),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_1m": round(os.getloadavg()[0], 2)}
         result["wall_time_s"] = time.perf_counter() - start
         # Written after every section: a long run interrupted late keeps what it measured.
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

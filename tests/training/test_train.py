@@ -134,3 +134,53 @@ def test_linear_probe_changes_only_the_head(kermany_tree: Path, tmp_path: Path) 
     trained, initial = model.backbone.state_dict(), start.backbone.state_dict()
     changed = {k for k in trained if not torch.equal(trained[k], initial[k])}
     assert changed and changed <= {"fc.weight", "fc.bias"}, changed
+
+
+def test_auto_precision_is_bf16_only_where_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pneumoscope.training import train as train_module
+    from pneumoscope.training.train import resolve_precision
+
+    monkeypatch.setattr(train_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: True)
+    assert resolve_precision("auto", "auto", "resnetv2_50") == "bf16-mixed"
+    assert resolve_precision("auto", "cpu", "densenet121") == "bf16-mixed"
+    # Depthwise-convolution nets run slower in bf16 on CPU: they stay fp32.
+    assert resolve_precision("auto", "cpu", "efficientnet_lite0") == "32-true"
+    assert resolve_precision("auto", "auto", None) == "32-true"
+    assert resolve_precision("32-true", "auto", "resnetv2_50") == "32-true"
+    with pytest.raises(KeyError, match="unknown model"):
+        resolve_precision("auto", "cpu", "resnet5O")
+    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: False)
+    assert resolve_precision("auto", "auto", "resnetv2_50") == "32-true"
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags() -> None:
+    from pneumoscope.training.train import cpu_supports_bf16
+
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    assert cpu_supports_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def test_bf16_training_records_its_precision_and_keeps_fp32_weights(
+        kermany_tree: Path, tmp_path: Path) -> None:
+    import lightning as L
+
+    class CountEpochs(L.Callback):
+        def __init__(self) -> None:
+            self.epochs = 0
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            self.epochs += 1
+
+    counter = CountEpochs()
+    result = train(_config(kermany_tree, tmp_path, "model.name=resnet18", "model.weights=none",
+                           "train.epochs=2", "train.limit_train_batches=2", "eval.n_bootstrap=0",
+                           "train.precision=bf16-mixed"), progress=False, callbacks=[counter])
+    assert counter.epochs == 2
+    assert result.metrics["precision"] == "bf16-mixed"
+    model, _ = load_checkpoint(result.checkpoint)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert np.isfinite(result.metrics["val"]["at_threshold"]["metrics"]["auc"])

@@ -109,6 +109,16 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t[:, None].float().div_(255.0)
 
 
+def to_model_input_numpy(images: np.ndarray) -> np.ndarray:
+    """:func:`to_model_input` in numpy, for ONNX Runtime: a torch op between two ORT runs wakes
+    torch's own thread pool, which then competes with ORT's for the cores (measured 4x slower
+    batch-1 latency on 2 cores, ``benchmarks/speed.py``)."""
+    arr = np.asarray(images)
+    if arr.ndim == 2:
+        arr = arr[None]
+    return arr[:, None].astype(np.float32) / np.float32(255.0)
+
+
 class XrayDataset(Dataset):
     """Images from a :class:`SplitData`, as ``(float tensor (1, H, W) in [0, 1], label)``.
 

@@ -71,7 +71,7 @@ def list_specs() -> list[ModelSpec]:
 register(ModelSpec("densenet121", "densenet121.tv_in1k", "features.norm5",
                    "DenseNet121 (Keras DenseNet121)", seed_study=True, cpu_bf16=True))
 register(ModelSpec("convnext_base", "convnext_base.fb_in22k_ft_in1k", "stages.3",
-                   "ConvNeXt-Base (Keras ConvNeXtBase)", seed_study=True))
+                   "ConvNeXt-Base (Keras ConvNeXtBase)", seed_study=True, cpu_bf16=True))
 register(ModelSpec("resnetv2_50", "resnetv2_50.a1h_in1k", "stages.3",
                    "ResNet50 v2, pre-activation (Keras ResNet50V2)", seed_study=True, cpu_bf16=True))
 register(ModelSpec("resnetv2_101", "resnetv2_101.a1h_in1k", "stages.3",
@@ -85,5 +85,7 @@ register(ModelSpec("efficientnet_lite0", "efficientnet_lite0.ra_in1k", "conv_hea
                    "EfficientNet-Lite0",
                    package_weights="efficientnet_lite0"))
 register(ModelSpec("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k",
-                   "blocks.11.norm1", "ViT-S/16 Vision Transformer", reshape="vit"))
-register(ModelSpec("resnet18", "resnet18.a1_in1k", "layer4", "ResNet-18, small baseline"))
+                   "blocks.11.norm1", "ViT-S/16 Vision Transformer", reshape="vit",
+                   cpu_bf16=True))
+register(ModelSpec("resnet18", "resnet18.a1_in1k", "layer4", "ResNet-18, small baseline",
+                   cpu_bf16=True))

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from pneumoscope.data.datasets import to_model_input
+from pneumoscope.data.datasets import to_model_input_numpy
 from pneumoscope.data.decode import (
     IMAGE_SUFFIXES,
     MAX_PIXELS,
@@ -175,7 +175,7 @@ class Predictor:
         if self._session is not None:
             from pneumoscope.serve.export import INPUT_NAME, OUTPUT_NAME
 
-            x = to_model_input(batch).numpy()
+            x = to_model_input_numpy(batch)
             return self._session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64)
         from pneumoscope.evaluation.inference import predict_proba
 

@@ -151,10 +151,10 @@ def _fit_and_evaluate(config: RunConfig, tracker: Tracker, *, resume: bool,
         *extra_callbacks]
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
+    precision = resolve_precision(tc.precision, tc.accelerator, config.model.name)
     trainer = L.Trainer(
         max_epochs=tc.epochs, accelerator=tc.accelerator, devices=tc.devices,
-        strategy=tc.strategy, num_nodes=tc.num_nodes,
-        precision=resolve_precision(tc.precision, tc.accelerator, config.model.name),
+        strategy=tc.strategy, num_nodes=tc.num_nodes, precision=precision,
         limit_train_batches=tc.limit_train_batches if tc.limit_train_batches <= 1
         else int(tc.limit_train_batches),
         callbacks=callbacks, logger=False,
@@ -199,7 +199,7 @@ def _fit_and_evaluate(config: RunConfig, tracker: Tracker, *, resume: bool,
         "model": config.model.name, "weights": config.model.weights, "threshold": threshold,
         "threshold_method": method, "best_epoch_checkpoint": Path(best).name,
         "best_val_auc_during_training": float(checkpointing.best_model_score or float("nan")),
-        "epochs_run": trainer.current_epoch, "wall_time_s": round(wall, 1),
+        "epochs_run": trainer.current_epoch, "precision": precision, "wall_time_s": round(wall, 1),
         "data": _data_summary(splits), "version": __version__, **reports,
     }
     write_json(run_dir / "metrics.json", summary)
