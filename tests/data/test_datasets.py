@@ -65,3 +65,13 @@ def test_batch_augment_changes_images_but_keeps_shape_and_range() -> None:
     identity = BatchAugment(AugmentConfig(scale=(1, 1), ratio=(1, 1), degrees=0, translate=0,
                                           brightness=0, contrast=0))
     torch.testing.assert_close(identity(x), x, atol=1e-4, rtol=0)
+
+
+def test_numpy_model_input_matches_the_torch_one() -> None:
+    from pneumoscope.data.datasets import to_model_input, to_model_input_numpy
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 9, 7), dtype=np.uint8)
+    for x in (images, images[0]):
+        got = to_model_input_numpy(x)
+        assert got.dtype == np.float32 and got.shape == (len(x) if x.ndim == 3 else 1, 1, 9, 7)
+        np.testing.assert_array_equal(got, to_model_input(x).numpy())

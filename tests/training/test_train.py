@@ -158,7 +158,8 @@ def test_cpu_bf16_detection_reads_the_cpu_flags() -> None:
     from pneumoscope.training.train import cpu_supports_bf16
 
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        with open("/proc/cpuinfo") as fh:
+            flags = next(line for line in fh if line.startswith("flags")).split()
     except (OSError, StopIteration):
         flags = []
     assert cpu_supports_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
