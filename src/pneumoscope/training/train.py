@@ -58,8 +58,9 @@ class RunResult:
 
 @functools.cache
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), per ``/proc/cpuinfo``;
-    elsewhere bf16 is emulated and slower than fp32, so False where it cannot be told."""
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), per ``/proc/cpuinfo``.
+    The bf16 speed-ups were measured on such a CPU only, so False where they are absent or
+    cannot be read (e.g. not Linux)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
