@@ -1,21 +1,27 @@
 """Speed: PneumoScope beside the reference Keras pipeline, and where PneumoScope's time goes.
 
-    pip install -e '.[speed]'        # TensorFlow: for this benchmark only
-    python benchmarks/speed.py --data ../shared/data/chest_xray
+    bash scripts/setup.sh all,speed      # TensorFlow: for this benchmark only
+    .venv/bin/python benchmarks/speed.py --data ../shared/data/chest_xray \
+        --mnist ../shared/data/pneumoniamnist/pneumoniamnist.npz
 
-Sections (``--only`` picks some; ``--quick`` shrinks every size for a smoke run):
+Sections (``--only`` picks some; ``--quick`` shrinks every size for a smoke run; ``--update``
+keeps the other sections of an existing result; ``--markdown-only`` recomputes the summaries):
   train    one epoch over the same training images at 224 px for ResNet50V2 and DenseNet121,
            random init on both sides, batch 32, AdamW(1e-3, wd 0.01), class weights, crop/zoom +
            small rotation + shift + brightness: (a) Keras ``ImageDataGenerator.flow_from_directory``
-           + ``keras.applications`` as the reference study built it, (b) ``pneumoscope.training.train``
-           with its defaults. Alternating, ``--repeats`` times; two epochs each, so the first
-           (cold: TensorFlow tracing, PneumoScope's decode-once cache) and a warm one show apart.
+           + ``keras.applications`` as the reference study built it, (a') the same under Keras'
+           ``mixed_bfloat16`` policy, (b) ``pneumoscope.training.train`` with its defaults.
+           Alternating, ``--repeats`` times; two epochs each, so the first (cold: TensorFlow
+           tracing, PneumoScope's decode-once cache) and a warm one show apart.
   infer    batch-1 latency (p50/p95) and batch-32 throughput at 224 for EfficientNet-Lite0,
            DenseNet121, ResNet50V2: PyTorch eager, PyTorch with PneumoScope's CPU settings
            (channels_last, inference_mode, the malloc settings the CLI sets), ONNX Runtime, Keras.
   predict  the path users call, checkpoint file → probability, one image per call (``Predictor``).
-  levers   one training step of EfficientNet-Lite0 at 224 with each CPU lever toggled alone:
-           channels_last, the malloc settings, bf16 autocast, torch.compile.
+  levers   one training step of EfficientNet-Lite0 at 224 with each CPU lever toggled alone
+           (channels_last, the malloc settings, bf16 autocast, torch.compile), and bf16 vs fp32
+           for every registry architecture (what ``ModelSpec.cpu_bf16`` is set from).
+  precision  ResNet50V2 trained from scratch on PneumoniaMNIST, fp32 vs bf16, same seed: does
+           bf16 change what is learned (validation metrics only)?
   scale    one EfficientNet-Lite0 epoch at 128/192/224 px (all of train) and on 25/50/100% of
            train (224 px), with the share of the epoch spent fetching and augmenting batches.
 
