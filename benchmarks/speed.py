@@ -226,9 +226,12 @@ def _timed_calls(fn: Any, x: Any, n: int, warmup: int) -> list[float]:
     return times
 
 
+def _latency_ms(times: list[float]) -> dict[str, float]:
+    return {f"p{q}_ms": 1000 * float(np.percentile(times, q)) for q in (50, 95)}
+
+
 def _latency_summary(one: list[float], batch: list[float], batch_size: int) -> dict[str, float]:
-    return {"p50_ms": 1000 * float(np.percentile(one, 50)), "p95_ms": 1000 * float(np.percentile(one, 95)),
-            "batch_images_per_s": batch_size / statistics.median(batch)}
+    return {**_latency_ms(one), "batch_images_per_s": batch_size / statistics.median(batch)}
 
 
 def work_infer(spec: dict[str, Any]) -> dict[str, Any]:
@@ -301,8 +304,7 @@ def work_predict(spec: dict[str, Any]) -> dict[str, Any]:
                 times = _timed_calls(lambda p, pr=predictor: pr.predict_files([p], batch_size=1,
                                                                              progress=False),
                                      path, spec["n_single"], warmup=5)
-                out[f"{backend}/{label}"] = {"p50_ms": 1000 * float(np.percentile(times, 50)),
-                                             "p95_ms": 1000 * float(np.percentile(times, 95))}
+                out[f"{backend}/{label}"] = _latency_ms(times)
     return out
 
 

@@ -111,8 +111,7 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def to_model_input_numpy(images: np.ndarray) -> np.ndarray:
     """:func:`to_model_input` in numpy, for ONNX Runtime: a torch op between two ORT runs wakes
-    torch's own thread pool, which then competes with ORT's for the cores (measured 4x slower
-    batch-1 latency on 2 cores, ``benchmarks/speed.py``)."""
+    torch's own thread pool, which then competes with ORT's threads for the cores."""
     arr = np.asarray(images)
     if arr.ndim == 2:
         arr = arr[None]
