@@ -25,9 +25,10 @@ def test_train_evaluate_compare(kermany_tree: Path, tmp_path: Path,
     # Evaluate the model file on another NORMAL/PNEUMONIA tree (an "external site").
     site = kermany_tree / "test"
     assert main(["evaluate", str(ckpt), "--data", str(site), "--out", str(tmp_path / "ev"),
-                 "--n-bootstrap", "50"]) == 0
+                 "--n-bootstrap", "50", "--stress"]) == 0
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert report["split"] == "all" and report["n"] > 0
+    assert "stress jpeg_q20" in capsys.readouterr().out and "jpeg_q20" in report["stress"]
     assert report["threshold"] == json.loads((ckpt.parent / "metrics.json").read_text())["threshold"]
     assert (tmp_path / "ev" / "predictions.csv").is_file()
 

@@ -29,6 +29,7 @@ def test_defaults_yaml_and_overrides(tmp_path: Path) -> None:
     ("train.lr=fast", "train.lr must be a number, got 'fast'"),
     ("eval.threshold_method=target_sensitivity", "eval.target_sensitivity must be in"),
     ("data.augment=maybe", "data.augment must be true or false"),
+    ("data.augment_preset=wild", "data.augment_preset must be one of"),
 ])
 def test_bad_values_are_named(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

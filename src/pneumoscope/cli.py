@@ -162,13 +162,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.checkpoint).parent / f"eval-{Path(args.data).name}")
     report = evaluate_checkpoint(args.checkpoint, args.data, out, split=args.split,
                                  manifest=args.manifest, group_by=args.group_by,
-                                 n_bootstrap=args.n_bootstrap, seed=args.seed)
+                                 n_bootstrap=args.n_bootstrap, seed=args.seed, stress=args.stress)
     m, ci = report["at_threshold"]["metrics"], report["at_threshold"]["ci95"]
     print(f"{report['model']} on {args.data} ({report['split']}, n={report['n']}) "
           f"at threshold {report['threshold']:.3f}")
     for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
         lo, hi = ci.get(key) or (float("nan"), float("nan"))
         print(f"  {key:<12} {m[key] if m[key] is not None else float('nan'):.3f}  [{lo:.3f}, {hi:.3f}]")
+    for name, values in (report.get("stress") or {}).items():
+        print(f"  stress {name:<15} sensitivity {values['sensitivity']:.3f}  "
+              f"specificity {values['specificity']:.3f}")
     if report["unreadable_skipped"]:
         print(f"  skipped {len(report['unreadable_skipped'])} unreadable file(s)")
     print(f"results: {out}")
@@ -340,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", help="manifest column to break metrics down by")
     p.add_argument("--n-bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stress", action="store_true",
+                   help="also score the images under fixed acquisition changes (gamma, contrast, "
+                        "blur, noise, JPEG, low resolution, equalisation, sharpening)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train and compare several models on the same split",

@@ -19,6 +19,9 @@ import yaml
 
 CLASS_BALANCE = ("loss", "sampler", "none")
 THRESHOLD_METHODS = ("youden", "target_sensitivity")
+THRESHOLD_ON = ("val", "val+stress")
+AUGMENT_PRESETS = ("light", "strong", "texture")
+"""Names of ``pneumoscope.data.augment.AUGMENT_PRESETS`` (kept here so config needs no torch)."""
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
 
 
@@ -41,6 +44,10 @@ class DataConfig:
     class_balance: str = "loss"
     """``loss``: class-weighted loss; ``sampler``: weighted sampling; ``none``."""
     augment: bool = True
+    augment_preset: str = "light"
+    """Augmentation strength: ``light`` (crop/rotate/brightness/contrast), ``strong`` (wider
+    ranges plus gamma) or ``texture`` (``strong`` plus blur and noise); see
+    ``pneumoscope.data.augment.AUGMENT_PRESETS``."""
     hflip: bool = False
     """Off by default: a flipped chest film puts the heart on the right (dextrocardia), an
     anatomy the test data does not contain; orientation markers also flip."""
@@ -60,6 +67,9 @@ class DataConfig:
                f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _check(self.class_balance in CLASS_BALANCE,
                f"data.class_balance must be one of {CLASS_BALANCE}, got {self.class_balance!r}")
+        _check(self.augment_preset in AUGMENT_PRESETS,
+               f"data.augment_preset must be one of {AUGMENT_PRESETS}, "
+               f"got {self.augment_preset!r}")
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(0.0 < self.subset <= 1.0, f"data.subset must be in (0, 1], got {self.subset}")
@@ -136,6 +146,13 @@ class EvalConfig:
 
     threshold_method: str = "youden"
     target_sensitivity: float | None = None
+    threshold_on: str = "val"
+    """``val``: choose the threshold on the validation split; ``val+stress``: on validation
+    pooled with its stress-tested copies (``pneumoscope.evaluation.stress``), an operating point
+    meant to hold when films are made differently (see benchmarks/recipe_search.py)."""
+    stress_test: bool = True
+    """Also score validation under each stress test and report it (``val_stress`` in
+    metrics.json): about one extra validation pass per test."""
     n_bootstrap: int = 1000
     bootstrap_seed: int = 0
     group_by: str | None = None
@@ -145,6 +162,8 @@ class EvalConfig:
         _check(self.threshold_method in THRESHOLD_METHODS,
                f"eval.threshold_method must be one of {THRESHOLD_METHODS}, "
                f"got {self.threshold_method!r}")
+        _check(self.threshold_on in THRESHOLD_ON,
+               f"eval.threshold_on must be one of {THRESHOLD_ON}, got {self.threshold_on!r}")
         if self.threshold_method == "target_sensitivity":
             _check(self.target_sensitivity is not None and 0 < self.target_sensitivity <= 1,
                    "eval.target_sensitivity must be in (0, 1] with threshold_method "

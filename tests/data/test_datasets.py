@@ -67,6 +67,50 @@ def test_batch_augment_changes_images_but_keeps_shape_and_range() -> None:
     torch.testing.assert_close(identity(x), x, atol=1e-4, rtol=0)
 
 
+def test_gamma_only_augment_is_a_per_image_power_law() -> None:
+    from pneumoscope.config import AUGMENT_PRESETS as CONFIG_PRESETS
+    from pneumoscope.data.augment import AUGMENT_PRESETS, augment_config
+
+    assert tuple(AUGMENT_PRESETS) == CONFIG_PRESETS
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 16) * 0.98 + 0.01
+    out = BatchAugment(AugmentConfig(scale=(1, 1), ratio=(1, 1), degrees=0, translate=0,
+                                     brightness=0, contrast=0, gamma=(0.5, 2.0)))(x)
+    # Each image is x ** g for one g in [0.5, 2], the same g over all its pixels.
+    g = (out.clamp(min=1e-6).log() / x.log()).flatten(1)
+    assert torch.allclose(g, g[:, :1].expand_as(g), atol=2e-2)
+    assert ((g[:, 0] >= 0.5 - 1e-3) & (g[:, 0] <= 2.0 + 1e-3)).all() and g[:, 0].std() > 0.05
+    assert augment_config("strong", hflip=True).hflip and augment_config("light") == AugmentConfig()
+    with pytest.raises(ValueError, match="unknown augmentation preset 'wild'"):
+        augment_config("wild")
+    with pytest.raises(ValueError, match="augment gamma must be a range"):
+        AugmentConfig(gamma=(1.5, 0.5))
+
+
+def test_blur_and_noise_augment() -> None:
+    from pneumoscope.data.augment import augment_config
+
+    none = dict(scale=(1, 1), ratio=(1, 1), degrees=0, translate=0, brightness=0, contrast=0)
+    x = torch.zeros(3, 1, 8, 224)  # 224 wide: blur sigmas are given at 224 px
+    x[:, :, :, 112:] = 1.0  # a vertical edge
+    torch.manual_seed(0)
+    blurred = BatchAugment(AugmentConfig(**none, blur=3.0))(x)
+    # Blur keeps the mean (replicate padding), softens the edge, differs between images.
+    torch.testing.assert_close(blurred.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-3, rtol=0)
+    assert (blurred[:, 0, :, 111] > 0.01).all() and (blurred[:, 0, :, 112] < 0.99).all()
+    assert not torch.allclose(blurred[0], blurred[1])
+    # sigma 0 is the identity.
+    torch.testing.assert_close(BatchAugment._blur(x, torch.zeros(3)), x)
+    flat = torch.full((4, 1, 64, 64), 0.5)
+    noisy = BatchAugment(AugmentConfig(**none, noise=0.1))(flat)
+    stds = (noisy - flat).flatten(1).std(1)
+    assert (stds <= 0.1 + 0.01).all() and stds.max() > 0.02 and noisy.min() >= 0 and noisy.max() <= 1
+    strong = augment_config("texture")
+    assert strong.noise > 0 and strong.blur > 0 and strong.gamma != (1.0, 1.0)
+    with pytest.raises(ValueError, match="augment noise must be >= 0"):
+        AugmentConfig(noise=-0.1)
+
+
 def test_numpy_model_input_matches_the_torch_one() -> None:
     from pneumoscope.data.datasets import to_model_input, to_model_input_numpy
 

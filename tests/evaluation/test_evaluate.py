@@ -70,8 +70,14 @@ def test_evaluate_checkpoint_on_folders_and_pneumoniamnist(kermany_tree: Path, t
     assert report["split"] == "test" and report["threshold"] == 0.42
     assert set(report["by_group"]["site"]) == {"A", "B"}
     npz = write_pneumoniamnist_npz(tmp_path / "pm.npz")
-    report = evaluate_checkpoint(ckpt, npz, tmp_path / "ev2", n_bootstrap=0)
+    report = evaluate_checkpoint(ckpt, npz, tmp_path / "ev2", n_bootstrap=0, stress=True)
     with np.load(npz) as data:
         assert report["n"] == len(data["test_labels"])
+    from pneumoscope.evaluation.stress import STRESS_TESTS
+
+    # The stress report is at the checkpoint's threshold; "clean" repeats the plain result.
+    assert list(report["stress"]) == ["clean", *STRESS_TESTS]
+    assert report["stress"]["clean"]["specificity"] == pytest.approx(
+        report["at_threshold"]["metrics"]["specificity"], nan_ok=True)
     with pytest.raises(ValueError, match="split 'nope'"):
         evaluate_checkpoint(ckpt, kermany_tree, tmp_path / "ev3", split="nope")

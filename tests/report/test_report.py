@@ -75,6 +75,9 @@ def test_compare_writes_a_complete_self_contained_report(compare_dir: Path) -> N
         assert f'id="{section}"' in html, section
     assert "Model cards" in html and "Intended use" in html and "Not for clinical use" in html
     assert "Grad-CAM++" in html and "ROAD" in html and "test AUC 0.047" in html
+    # Robustness table: every model's validation under each stress test (spec / sens cells).
+    stress = html[html.index('id="stress"'):html.index('id="reliability"')]
+    assert all(m in stress for m in MODELS) and "jpeg_q20" in stress and stress.count(" / ") >= 10
     images = _images(html)
     # 6 figures + 2 confusion matrices + per model: 4 kinds x 1 example x 3 panels (at most).
     assert len(images) >= 8 + 3 * len(MODELS)

@@ -59,6 +59,9 @@ def test_run_folder_is_complete_and_consistent(trained_run) -> None:
     assert summary["test"]["threshold"] == summary["val"]["threshold"] == summary["threshold"]
     assert set(summary["test"]["at_0.5"]["metrics"]) == set(summary["test"]["metric_names"])
     assert {"bacteria", "virus", "normal"} <= set(summary["test"]["by_subtype"])
+    # The stress report (on by default) is at the same frozen threshold as validation.
+    assert summary["val_stress"]["clean"]["sensitivity"] == pytest.approx(
+        summary["val"]["at_threshold"]["metrics"]["sensitivity"])
     with open(run / "predictions_test.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == summary["test"]["n"] == len(splits["test"])
@@ -104,6 +107,34 @@ def test_sampler_balancing_runs(kermany_tree: Path, tmp_path: Path) -> None:
                            "eval.threshold_method=target_sensitivity",
                            "eval.target_sensitivity=0.9"), progress=False)
     assert result.metrics["val"]["at_threshold"]["metrics"]["sensitivity"] >= 0.9
+
+
+def test_stress_pooled_threshold_is_chosen_on_validation_and_its_stressed_copies(
+        kermany_tree: Path, tmp_path: Path) -> None:
+    from pneumoscope.evaluation.stress import STRESS_TESTS, perturb
+    from pneumoscope.evaluation.threshold import choose_threshold
+
+    result = train(_config(kermany_tree, tmp_path, "model.name=resnet18", "model.weights=none",
+                           "train.epochs=1", "train.limit_train_batches=2", "eval.n_bootstrap=0",
+                           "eval.threshold_on=val+stress"), progress=False)
+    summary = result.metrics
+    assert summary["threshold_method"] == "youden@val+stress"
+    assert list(summary["val_stress"]) == ["clean", *STRESS_TESTS]
+    clean = summary["val_stress"]["clean"]
+    val = summary["val"]["at_threshold"]["metrics"]
+    assert clean["specificity"] == pytest.approx(val["specificity"])
+    # Recompute the pooled choice from the saved model and the run's own validation list.
+    model, info = load_checkpoint(result.checkpoint)
+    from pneumoscope.data.cache import decode_images
+    from pneumoscope.data.records import read_records
+    from pneumoscope.evaluation.inference import predict_proba
+
+    records = read_records(result.run_dir / "splits" / "val.csv")
+    images = decode_images(records, 64).images
+    labels = np.array([r.label for r in records])
+    probs = [predict_proba(model, images)] + [predict_proba(model, perturb(images, n)) for n in STRESS_TESTS]
+    expected = choose_threshold(np.tile(labels, len(probs)), np.concatenate(probs))
+    assert info.threshold == pytest.approx(expected, abs=1e-5)
 
 
 def test_frozen_backbone_warmup_trains_only_the_head() -> None:

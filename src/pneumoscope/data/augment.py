@@ -9,7 +9,7 @@ when there is one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +29,50 @@ class AugmentConfig:
     """Extra shift, as a share of the image size."""
     brightness: float = 0.2
     contrast: float = 0.2
+    gamma: tuple[float, float] = (1.0, 1.0)
+    """Range of a per-image gamma (drawn log-uniformly): exposure / film-response changes."""
+    noise: float = 0.0
+    """Largest std of added Gaussian pixel noise (per image, uniform from 0), on the [0, 1] scale."""
+    blur: float = 0.0
+    """Largest Gaussian blur sigma (per image, uniform from 0), in pixels of a 224 px image."""
     hflip: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "ratio", "gamma"):
+            low, high = getattr(self, name)
+            if not 0.0 < low <= high:
+                raise ValueError(f"augment {name} must be a range 0 < low <= high, got {(low, high)}")
+        for name in ("degrees", "translate", "brightness", "contrast", "noise", "blur"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augment {name} must be >= 0, got {getattr(self, name)}")
+
+
+AUGMENT_PRESETS: dict[str, AugmentConfig] = {
+    "light": AugmentConfig(),
+    # Wider crops/rotations and exposure changes (brightness, contrast, gamma): films from
+    # another time or device differ most in exposure and framing, not in anatomy.
+    "strong": AugmentConfig(scale=(0.6, 1.0), ratio=(0.85, 1.15), degrees=10.0, translate=0.06,
+                            brightness=0.3, contrast=0.3, gamma=(0.7, 1.4)),
+    # ``strong`` plus sharpness and grain: detector noise, blur and processing differ between
+    # devices, and a model that reads fine texture as disease calls such normals pneumonia.
+    "texture": AugmentConfig(scale=(0.6, 1.0), ratio=(0.85, 1.15), degrees=10.0, translate=0.06,
+                             brightness=0.3, contrast=0.3, gamma=(0.7, 1.4), noise=0.04, blur=1.5),
+}
+"""Named augmentation strengths (``data.augment_preset``)."""
+
+
+def augment_config(preset: str, hflip: bool = False) -> AugmentConfig:
+    """The :data:`AUGMENT_PRESETS` entry ``preset``, with the flip setting applied."""
+    if preset not in AUGMENT_PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; expected one of "
+                         f"{sorted(AUGMENT_PRESETS)}")
+    return replace(AUGMENT_PRESETS[preset], hflip=hflip)
 
 
 class BatchAugment(nn.Module):
-    """Random resized crop + rotation + shift (+ optional flip) and brightness/contrast on a
-    float batch (N, 1, H, W) in [0, 1]; the output has the same shape and range."""
+    """Random resized crop + rotation + shift (+ optional flip), brightness/contrast/gamma and
+    optional blur and noise, on a float batch (N, 1, H, W) in [0, 1]; the output has the same
+    shape and range."""
 
     def __init__(self, config: AugmentConfig | None = None) -> None:
         super().__init__()
@@ -65,5 +103,28 @@ class BatchAugment(nn.Module):
         brightness = self._uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, x).view(n, 1, 1, 1)
         contrast = self._uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, x).view(n, 1, 1, 1)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
-        out = ((out - mean) * contrast + mean) * brightness
-        return out.clamp_(0.0, 1.0)
+        out = (((out - mean) * contrast + mean) * brightness).clamp_(0.0, 1.0)
+        if cfg.gamma != (1.0, 1.0):
+            log_gamma = self._uniform(n, math.log(cfg.gamma[0]), math.log(cfg.gamma[1]), x)
+            # The small floor keeps the gradient-free pow away from 0 ** negative edge cases.
+            out = out.clamp_(min=1e-6).pow_(torch.exp(log_gamma).view(n, 1, 1, 1).to(out.dtype))
+        if cfg.blur > 0:
+            out = self._blur(out, self._uniform(n, 0.0, cfg.blur * x.shape[-1] / 224, x))
+        if cfg.noise > 0:
+            std = self._uniform(n, 0.0, cfg.noise, x).view(n, 1, 1, 1).to(out.dtype)
+            out = (out + torch.randn_like(out) * std).clamp_(0.0, 1.0)
+        return out
+
+    @staticmethod
+    def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian blur with one sigma per image (one grouped convolution per axis)."""
+        n, c, h, w = x.shape
+        radius = max(1, math.ceil(3 * float(sigma.max())))
+        offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+        # A tiny sigma makes a delta kernel, i.e. no blur for that image.
+        kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+        kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.dtype).repeat_interleave(c, 0)
+        y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="replicate")
+        y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)
+        y = F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c)
+        return y.view(n, c, h, w)

@@ -132,10 +132,13 @@ def evaluate_checkpoint(
     checkpoint: str | Path, data: str | Path, out_dir: str | Path, *, split: str | None = None,
     manifest: str | Path | None = None, group_by: str | None = None, n_bootstrap: int = 1000,
     seed: int = 0, cache_dir: str | Path | None = None, batch_size: int = 64,
+    stress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a saved model on a data folder (the official test split, or any other
     NORMAL/PNEUMONIA tree such as an external site) at the threshold stored in the checkpoint.
 
+    ``stress`` also scores the images under each acquisition stress test
+    (:mod:`pneumoscope.evaluation.stress`) at the same threshold (``stress`` in the report).
     Writes ``metrics.json`` and ``predictions.csv`` into ``out_dir`` and returns the report.
     """
     from pneumoscope.data.cache import cached_images
@@ -174,6 +177,11 @@ def evaluate_checkpoint(
     report = {"checkpoint": str(checkpoint), "model": info.model, "data": str(data),
               "split": split, "unreadable_skipped": [list(f) for f in decoded.failures],
               **report}
+    if stress:
+        from pneumoscope.evaluation.stress import stress_probabilities, stress_report
+
+        stressed = stress_probabilities(model, np.asarray(decoded.images))
+        report["stress"] = stress_report(labels, {"clean": probs, **stressed}, info.threshold)
     out_dir = Path(out_dir)
     write_json(out_dir / "metrics.json", report)
     write_predictions(out_dir / "predictions.csv", decoded.records, probs, info.threshold)

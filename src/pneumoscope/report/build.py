@@ -291,11 +291,15 @@ def _point(run: Run, which: str = "at_threshold") -> dict[str, Any]:
 
 
 def _threshold_text(summary: dict[str, Any]) -> str:
-    method = summary.get("threshold_method") or "youden"
+    method, _, pool = (summary.get("threshold_method") or "youden").partition("@")
+    method, _, target = method.partition("=")
     cfg_target = (summary.get("config") or {}).get("eval", {}).get("target_sensitivity")
     text = THRESHOLD_METHODS.get(method, method)
-    if method == "target_sensitivity" and cfg_target:
-        text += f" (target {cfg_target:g})"
+    if method == "target_sensitivity" and (target or cfg_target):
+        text += f" (target {float(target or cfg_target):g})"
+    if pool == "val+stress":
+        text = text.replace("on the validation split", "on the validation split pooled with its "
+                            "stress-tested copies (changed exposure, blur, noise, compression)")
     return text
 
 
@@ -418,6 +422,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, cam_
                            **{f"{k}_ci": _ci(pci.get(k)) for k in keys}})
         thresholds.append({"model": r.name, "color": colors[r.name], "points": points})
 
+    # Validation re-scored under acquisition changes (train's eval.stress_test), if recorded.
+    stress = [{"model": r.name, "color": colors[r.name], "threshold": _fmt(r.summary["threshold"]),
+               "cells": [(name, _fmt(v.get("specificity"), 2), _fmt(v.get("sensitivity"), 2))
+                         for name, v in r.summary["val_stress"].items()]}
+              for r in runs if r.summary.get("val_stress")]
+
     confusions = []
     for r in runs:
         conf = _point(r)["confusion"]
@@ -485,7 +495,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, cam_
     ctx = {
         "title": folder.resolve().name, "generated": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "version": __version__, "summary": summary, "leaderboard": leaderboard, "reference": reference,
-        "split": board.get("split", "test"), "thresholds": thresholds, "confusions": confusions,
+        "split": board.get("split", "test"), "thresholds": thresholds, "stress": stress,
+        "confusions": confusions,
         "subtypes": subtypes, "groups": groups, "splits": splits, "same_split": same_split,
         "data_json": data_json, "cams": cam_sections, "cam_note": cam_note, "cam_examples": cam_examples,
         "faithfulness": faith_rows, "percentiles": FAITHFULNESS_PERCENTILES,

@@ -116,6 +116,7 @@ footer { text-align: center; color: var(--muted); font-size: 12px; margin: 30px 
     <a href="#pr">Precision-recall curves</a>
     <a href="#confusion">Confusion matrices</a>
     <a href="#thresholds">Threshold: validation-chosen vs 0.5</a>
+    {% if stress %}<a href="#stress">Robustness to acquisition changes</a>{% endif %}
     <a href="#reliability">Calibration (reliability)</a>
     <a href="#curves">Training curves</a>
     <a href="#subtypes">Per subtype and group</a>
@@ -191,6 +192,24 @@ footer { text-align: center; color: var(--muted); font-size: 12px; margin: 30px 
     {% endfor %}{% endfor %}
   </table>
 </section>
+
+{% if stress %}
+<section id="stress">
+  <h2>Robustness to acquisition changes (validation)</h2>
+  <p class="lead">The validation images re-scored after fixed changes in how a film looks (exposure,
+    blur, noise, JPEG compression, resolution, equalisation, sharpening), at the same frozen threshold.
+    A specificity that falls under a change warns that normal films made differently may be called
+    pneumonia. Specificity / sensitivity; no test image is used.</p>
+  <div class="wide"><table>
+    <tr><th>model</th><th>threshold</th>{% for name, _, _ in stress[0].cells %}<th>{{ name }}</th>{% endfor %}</tr>
+    {% for row in stress %}
+    <tr><td><span class="chip" style="background: {{ row.color }}"></span><strong>{{ row.model }}</strong></td>
+      <td>{{ row.threshold }}</td>
+      {% for _, spec, sens in row.cells %}<td>{{ spec }} / {{ sens }}</td>{% endfor %}</tr>
+    {% endfor %}
+  </table></div>
+</section>
+{% endif %}
 
 <section id="reliability">
   <h2>Calibration (reliability)</h2>

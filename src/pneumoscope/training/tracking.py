@@ -80,6 +80,9 @@ def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
         for name, bounds in (point.get("ci95") or {}).items():
             if bounds:
                 out[f"{prefix}{name}_ci_low"], out[f"{prefix}{name}_ci_high"] = bounds
+    for test, values in (summary.get("val_stress") or {}).items():
+        for name in ("sensitivity", "specificity", "balanced_accuracy"):
+            out[f"stress_{test}_{name}"] = values.get(name)
     return {k: float(v) for k, v in out.items() if _is_number(v)}
 
 

@@ -23,16 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
 from pneumoscope import __version__
 from pneumoscope.config import RunConfig, save_config
-from pneumoscope.data.augment import AugmentConfig, BatchAugment
+from pneumoscope.data.augment import BatchAugment, augment_config
 from pneumoscope.data.datasets import SplitData, XrayDataModule, class_weights, load_splits
 from pneumoscope.data.records import write_records
 from pneumoscope.evaluation.evaluate import evaluate_predictions, write_json, write_predictions
 from pneumoscope.evaluation.inference import predict_proba
+from pneumoscope.evaluation.stress import stress_probabilities, stress_report
 from pneumoscope.evaluation.threshold import choose_threshold
 from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
 from pneumoscope.models.factory import build_model
@@ -139,7 +141,8 @@ def _fit_and_evaluate(config: RunConfig, tracker: Tracker, *, resume: bool,
                         channels_last=tc.channels_last)
     weights = class_weights(splits["train"].labels) \
         if config.data.class_balance == "loss" else (1.0, 1.0)
-    augment = BatchAugment(AugmentConfig(hflip=config.data.hflip)) if config.data.augment else None
+    augment = (BatchAugment(augment_config(config.data.augment_preset, config.data.hflip))
+               if config.data.augment else None)
     module = ClassifierModule(model, tc, weights, augment, epoch_log=run_dir / "epochs.csv",
                               epoch_sink=tracker.log_epoch)
     datamodule = XrayDataModule(splits, config.data, seed=tc.seed)
@@ -180,9 +183,18 @@ def _fit_and_evaluate(config: RunConfig, tracker: Tracker, *, resume: bool,
     ec = config.eval
     val = splits["val"]
     val_probs = predict_proba(model, val.images)
-    threshold = choose_threshold(val.labels, val_probs, ec.threshold_method,
+    stressed = stress_probabilities(model, np.asarray(val.images)) \
+        if ec.stress_test or ec.threshold_on == "val+stress" else {}
+    if ec.threshold_on == "val+stress":
+        # Every stress-tested copy keeps its label: choose on the pooled scores.
+        pool_labels = np.tile(val.labels, len(stressed) + 1)
+        pool_probs = np.concatenate([val_probs, *stressed.values()])
+    else:
+        pool_labels, pool_probs = val.labels, val_probs
+    threshold = choose_threshold(pool_labels, pool_probs, ec.threshold_method,
                                  target_sensitivity=ec.target_sensitivity)
-    method = ec.threshold_method + (f"={ec.target_sensitivity}" if ec.target_sensitivity else "")
+    method = ec.threshold_method + (f"={ec.target_sensitivity}" if ec.target_sensitivity else "") \
+        + ("@val+stress" if ec.threshold_on == "val+stress" else "")
     reports = {"val": evaluate_predictions(val.labels, val_probs, threshold, records=val.records,
                                            threshold_method=method, n_bootstrap=ec.n_bootstrap,
                                            seed=ec.bootstrap_seed)}
@@ -203,6 +215,8 @@ def _fit_and_evaluate(config: RunConfig, tracker: Tracker, *, resume: bool,
         "epochs_run": trainer.current_epoch, "precision": precision, "wall_time_s": round(wall, 1),
         "data": _data_summary(splits), "version": __version__, **reports,
     }
+    if stressed:
+        summary["val_stress"] = stress_report(val.labels, {"clean": val_probs, **stressed}, threshold)
     write_json(run_dir / "metrics.json", summary)
     info = CheckpointInfo(
         model=config.model.name, preprocessing=model.preprocessing, threshold=float(threshold),
