@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,9 +33,14 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quick.yaml")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--tag", default="quick-compare-cpu")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete this benchmark's earlier study folder first (a timing rerun)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(args.config, {"data": {"root": args.data}, "out": args.out})
+    study = Path(config.out) / (config.name or "compare")  # where compare() writes
+    if args.overwrite and study.is_dir():
+        shutil.rmtree(study)
     models = config.compare.models.split(",")
     start = time.perf_counter()
     result = compare(config, models, parse_weights(config.compare.weights, models), progress=False)

@@ -2,6 +2,9 @@
 
     python benchmarks/recipe_search.py --data ../shared/data/chest_xray
 
+(About 40 min on 2 CPU cores from scratch: four 160 px trainings plus their stress scoring;
+finished run folders under --runs are reused, so a rerun only re-scores.)
+
 Why: the patient-grouped validation split comes from the same acquisition as the training
 images and is saturated (AUC ~0.998, specificity ~0.99 for every recipe), so it cannot rank
 recipes; yet the first recipe lost specificity on the official test films (0.77). This search
