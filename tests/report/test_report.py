@@ -96,6 +96,8 @@ def test_compare_writes_a_complete_self_contained_report(compare_dir: Path) -> N
     assert "## Leaderboard" in md and "| model | threshold |" in md
     assert all(f"| {m} |" in md for m in MODELS) and "[" in md  # CIs
     assert "Best model by validation AUC" in md and "Grad-CAM faithfulness" in md
+    assert "## Robustness to acquisition changes" in md and "| model | threshold | clean |" in md
+    assert "| jpeg_q20 |" in md
 
 
 def test_compare_logs_the_report_to_mlflow(compare_dir: Path) -> None:

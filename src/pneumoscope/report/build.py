@@ -339,6 +339,14 @@ def _report_markdown(ctx: dict[str, Any], board: dict[str, Any]) -> str:
         for point in row["points"]:
             lines.append(f"| {row['model']} | {point['label']} | {point['sensitivity']} | "
                          f"{point['specificity']} | {point['accuracy']} | {point['f1']} |")
+    if ctx["stress"]:
+        names = [name for name, _, _ in ctx["stress"][0]["cells"]]
+        lines += ["", "## Robustness to acquisition changes (validation; specificity / sensitivity "
+                  "at the frozen threshold)", "", "| model | threshold | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for row in ctx["stress"]:
+            lines.append(f"| {row['model']} | {row['threshold']} | "
+                         + " | ".join(f"{spec} / {sens}" for _, spec, sens in row["cells"]) + " |")
     if ctx["faithfulness"]:
         gaps = " | ".join(f"gap {p}%" for p in FAITHFULNESS_PERCENTILES)
         lines += ["", "## Grad-CAM faithfulness (ROAD)", "",
