@@ -76,11 +76,22 @@ def _check_compare_tracked(out: Path) -> None:
     (["compare", "--models", "resnet18,nope", "--data", "."], "unknown model 'nope'"),
     (["evaluate", "/no/model.safetensors", "--data", "."], "checkpoint not found"),
     (["train", "--set", "train.bogus=1"], "unknown config key"),
+    (["train", "--augment", "wild", "--data", "."], "data.augment_preset must be one of"),
 ])
 def test_bad_input_exits_2_with_a_message(argv: list[str], message: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "augment", "preset"), [
+    ("texture", True, "texture"), ("none", False, "light"), (None, True, "light")])
+def test_augment_flag_sets_the_preset(flag: str | None, augment: bool, preset: str) -> None:
+    from pneumoscope.cli import _config_from_args, build_parser
+
+    argv = ["train", "--data", "."] + (["--augment", flag] if flag else [])
+    config = _config_from_args(build_parser().parse_args(argv))
+    assert (config.data.augment, config.data.augment_preset) == (augment, preset)
 
 
 def test_empty_class_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

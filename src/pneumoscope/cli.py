@@ -73,6 +73,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--subset", type=float, help="share of train/val patients to use (quick runs)")
+    p.add_argument("--augment", metavar="PRESET",
+                   help="augmentation: light (default), strong, texture (strong + blur and noise), "
+                   "or none")
     p.add_argument("--target-sensitivity", type=float,
                    help="choose the threshold as the highest one reaching this sensitivity on "
                    "validation (default: Youden's J)")
@@ -110,6 +113,10 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     }
     if getattr(args, "weights", None) and "=" not in args.weights and "," not in args.weights:
         flat[("model", "weights")] = args.weights
+    if args.augment is not None:
+        flat[("data", "augment")] = args.augment != "none"
+        if args.augment != "none":
+            flat[("data", "augment_preset")] = args.augment
     if args.target_sensitivity is not None:
         flat[("eval", "threshold_method")] = "target_sensitivity"
         flat[("eval", "target_sensitivity")] = args.target_sensitivity
