@@ -20,16 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _env import hardware, versions
+from _steps import training_step
 
-from pneumoscope.data.augment import BatchAugment
-from pneumoscope.models.factory import build_model
 from pneumoscope.training.train import resolve_precision
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,20 +51,8 @@ def family(name: str) -> str:
 
 
 def profile_model(name: str, size: int, batch: int, steps: int) -> dict[str, Any]:
-    torch.manual_seed(0)
     precision = resolve_precision("auto", "cpu", name)
-    model = build_model(name, "none", image_size=size, channels_last=True).train()
-    augment = BatchAugment()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.rand(batch, 1, size, size), (torch.rand(batch) < 0.7).float()
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            logits = model(augment(x)).squeeze(1)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    step = training_step(name, size, batch, bf16=precision == "bf16-mixed")
 
     for _ in range(2):
         step()

@@ -310,30 +310,11 @@ def work_predict(spec: dict[str, Any]) -> dict[str, Any]:
 
 def work_lever(spec: dict[str, Any]) -> dict[str, Any]:
     """Training steps of EfficientNet-Lite0 (augmentation + forward + backward + AdamW)."""
-    import torch
-    import torch.nn.functional as F
+    from _steps import training_step
 
-    from pneumoscope.data.augment import BatchAugment
-    from pneumoscope.models.factory import build_model
-
-    torch.manual_seed(SEED)
     size, batch = spec["image_size"], spec["batch_size"]
-    model = build_model(spec.get("model", "efficientnet_lite0"), "none", image_size=size,
-                        channels_last=spec["channels_last"]).train()
-    augment = BatchAugment()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.rand(batch, 1, size, size)
-    y = (torch.rand(batch) < 0.7).float()
-    forward = torch.compile(model) if spec["compile"] else model
-
-    def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["bf16"]):
-            logits = forward(augment(x)).squeeze(1)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return float(loss)
+    step = training_step(spec.get("model", "efficientnet_lite0"), size, batch, bf16=spec["bf16"],
+                         channels_last=spec["channels_last"], compile=spec["compile"], seed=SEED)
 
     t = time.perf_counter()
     step()

@@ -47,16 +47,16 @@ class AugmentConfig:
                 raise ValueError(f"augment {name} must be >= 0, got {getattr(self, name)}")
 
 
+# Wider crops/rotations and exposure changes (brightness, contrast, gamma): films from
+# another time or device differ most in exposure and framing, not in anatomy.
+_STRONG = AugmentConfig(scale=(0.6, 1.0), ratio=(0.85, 1.15), degrees=10.0, translate=0.06,
+                        brightness=0.3, contrast=0.3, gamma=(0.7, 1.4))
 AUGMENT_PRESETS: dict[str, AugmentConfig] = {
     "light": AugmentConfig(),
-    # Wider crops/rotations and exposure changes (brightness, contrast, gamma): films from
-    # another time or device differ most in exposure and framing, not in anatomy.
-    "strong": AugmentConfig(scale=(0.6, 1.0), ratio=(0.85, 1.15), degrees=10.0, translate=0.06,
-                            brightness=0.3, contrast=0.3, gamma=(0.7, 1.4)),
+    "strong": _STRONG,
     # ``strong`` plus sharpness and grain: detector noise, blur and processing differ between
     # devices, and a model that reads fine texture as disease calls such normals pneumonia.
-    "texture": AugmentConfig(scale=(0.6, 1.0), ratio=(0.85, 1.15), degrees=10.0, translate=0.06,
-                             brightness=0.3, contrast=0.3, gamma=(0.7, 1.4), noise=0.04, blur=1.5),
+    "texture": replace(_STRONG, noise=0.04, blur=1.5),
 }
 """Named augmentation strengths (``data.augment_preset``)."""
 
@@ -106,7 +106,7 @@ class BatchAugment(nn.Module):
         out = (((out - mean) * contrast + mean) * brightness).clamp_(0.0, 1.0)
         if cfg.gamma != (1.0, 1.0):
             log_gamma = self._uniform(n, math.log(cfg.gamma[0]), math.log(cfg.gamma[1]), x)
-            # The small floor keeps the gradient-free pow away from 0 ** negative edge cases.
+            # Floored at 1e-6 before the power (black stays within 1e-4 of black).
             out = out.clamp_(min=1e-6).pow_(torch.exp(log_gamma).view(n, 1, 1, 1).to(out.dtype))
         if cfg.blur > 0:
             out = self._blur(out, self._uniform(n, 0.0, cfg.blur * x.shape[-1] / 224, x))

@@ -102,16 +102,15 @@ def load_splits(config: DataConfig, seed: int) -> dict[str, SplitData]:
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W) or (H, W) grayscale → float (N, 1, H, W) in [0, 1], the input every
     PneumoScope model takes (normalisation happens inside the model)."""
-    # np.array copies: memory-mapped cache arrays are read-only.
-    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
-    if t.ndim == 2:
-        t = t[None]
+    if not isinstance(images, torch.Tensor):
+        return torch.from_numpy(to_model_input_numpy(images))  # a copy: memmaps are read-only
+    t = images[None] if images.ndim == 2 else images
     return t[:, None].float().div_(255.0)
 
 
 def to_model_input_numpy(images: np.ndarray) -> np.ndarray:
-    """:func:`to_model_input` in numpy, for ONNX Runtime: a torch op between two ORT runs wakes
-    torch's own thread pool, which then competes with ORT's threads for the cores."""
+    """:func:`to_model_input` in numpy, used as is by ONNX Runtime: a torch op between two ORT
+    runs wakes torch's own thread pool, which then competes with ORT's threads for the cores."""
     arr = np.asarray(images)
     if arr.ndim == 2:
         arr = arr[None]
