@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import hardware, versions
 
 from pneumoscope.config import load_config
-from pneumoscope.evaluation.evaluate import read_predictions
 from pneumoscope.evaluation.metrics import METRIC_NAMES, binary_metrics
 from pneumoscope.evaluation.threshold import choose_threshold
-from pneumoscope.training.train import train
+from pneumoscope.pipeline import train
+from pneumoscope.runs import RunLayout, read_predictions, read_summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADLINE = ("auc", "accuracy", "sensitivity", "specificity", "f1")
@@ -51,7 +51,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # loaded there): see results/recipe-search-kermany.md.
     "kermany-efficientnet_lite0": {"data": "kermany", "dataset": "Kermany chest_xray (official test)",
                                    "overrides": [*COMMON, "data.image_size=160", "train.epochs=4",
-                                                 "data.augment_preset=texture"]},
+                                                 "data.augment=texture"]},
     # The first recipe, published before the search: kept so its numbers stay reproducible.
     "kermany-efficientnet_lite0-light": {"data": "kermany",
                                          "dataset": "Kermany chest_xray (official test)",
@@ -60,12 +60,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "kermany-linear-probe": {"data": "kermany", "dataset": "Kermany chest_xray (official test)",
                              "overrides": [*COMMON, "data.image_size=160", "train.epochs=3",
                                            "train.linear_probe=true", "train.lr=0.003",
-                                           "data.augment=false"]},
+                                           "data.augment=none"]},
     # The Kermany recipe at MedMNIST's scale: 64 px (upsampled from 28), 6 epochs.
     "pneumoniamnist-efficientnet_lite0": {"data": "mnist", "dataset": "PneumoniaMNIST (official test)",
                                           "overrides": [*COMMON, "data.image_size=64",
                                                         "train.epochs=6",
-                                                        "data.augment_preset=texture"]},
+                                                        "data.augment=texture"]},
     "pneumoniamnist-efficientnet_lite0-light": {"data": "mnist",
                                                 "dataset": "PneumoniaMNIST (official test)",
                                                 "overrides": [*COMMON, "data.image_size=64",
@@ -92,8 +92,8 @@ def seed_mean_ci(labels: np.ndarray, probs: list[np.ndarray], thresholds: list[f
 def threshold_spread(predictions: Path, n_resamples: int = 500, seed: int = 0) -> list[float]:
     """2.5th and 97.5th percentiles of the Youden threshold over stratified bootstrap resamples
     of the validation predictions: how well validation alone pins the operating point down."""
-    records, probs = read_predictions(predictions)
-    labels = np.array([r.label for r in records])
+    saved = read_predictions(predictions)
+    labels, probs = saved.labels, saved.probs
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     picks = []
@@ -129,31 +129,30 @@ def run_recipe(name: str, root: str, seeds: list[int], out: Path, *,
     for seed in seeds:
         config = load_config(dotted=[*recipe["overrides"], f"data.root={root}", f"train.seed={seed}",
                                      f"out={out}", f"name={name}-seed{seed}", "tracking.enabled=false"])
-        if not (from_runs and (config.run_dir / "metrics.json").is_file()):
+        layout = RunLayout(config.run_dir)
+        if not (from_runs and layout.metrics.is_file()):
             train(config, progress=False)
-        summary = json.loads((config.run_dir / "metrics.json").read_text())
-        test, val = summary["test"], summary["val"]
-        records, p = read_predictions(config.run_dir / "predictions_test.csv")
-        labels = np.array([r.label for r in records])
-        probs.append(p)
-        thresholds.append(summary["threshold"])
-        per_seed.append({"seed": seed, "threshold": summary["threshold"],
-                         "threshold_method": summary.get("threshold_method", "youden"),
-                         "val_stress": summary.get("val_stress"),
-                         "metrics": test["at_threshold"]["metrics"],
-                         "ci95": test["at_threshold"]["ci95"],
-                         "metrics_at_0.5": test["at_0.5"]["metrics"],
-                         "ci95_at_0.5": test["at_0.5"]["ci95"],
-                         "by_subtype": test.get("by_subtype"),
-                         "val_metrics": val["at_threshold"]["metrics"],
-                         "val_auc": val["at_threshold"]["metrics"]["auc"],
-                         "val_threshold_bootstrap95": threshold_spread(
-                             config.run_dir / "predictions_val.csv"),
-                         "wall_time_s": summary["wall_time_s"], "run_dir": str(config.run_dir)})
+        summary = read_summary(layout.root)
+        test, val = summary.split("test"), summary.val
+        saved = read_predictions(layout.predictions("test"))
+        labels = saved.labels
+        probs.append(saved.probs)
+        thresholds.append(summary.threshold)
+        per_seed.append({"seed": seed, "threshold": summary.threshold,
+                         "threshold_method": summary.threshold_rule.label,
+                         "val_stress": summary.val_stress,
+                         "metrics": test.at_threshold.metrics,
+                         "ci95": test.at_threshold.ci95,
+                         "metrics_at_0.5": test.at_05.metrics,
+                         "ci95_at_0.5": test.at_05.ci95,
+                         "by_subtype": test.by_subtype,
+                         "val_metrics": val.at_threshold.metrics,
+                         "val_auc": val.at_threshold.metrics["auc"],
+                         "val_threshold_bootstrap95": threshold_spread(layout.predictions("val")),
+                         "wall_time_s": summary.wall_time_s, "run_dir": str(config.run_dir)})
         if recipe["data"] == "kermany":
             per_seed[-1]["specificity_by_series"] = {
-                split: specificity_by_series(config.run_dir / f"predictions_{split}.csv")
-                for split in ("val", "test")}
+                split: specificity_by_series(layout.predictions(split)) for split in ("val", "test")}
     # Training time of the seeds (from their run folders), not of this summary.
     wall = sum(s["wall_time_s"] for s in per_seed) if from_runs else time.perf_counter() - start
     assert labels is not None

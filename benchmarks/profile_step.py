@@ -93,7 +93,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     if "MALLOC_MMAP_MAX_" not in os.environ:
         # As the CLI does for itself: glibc reads these at process start only.
-        from pneumoscope.cli import FAST_MALLOC_ENV
+        from pneumoscope.runtime import FAST_MALLOC_ENV
 
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **FAST_MALLOC_ENV})
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

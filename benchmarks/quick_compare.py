@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import hardware, versions
 
 from pneumoscope.config import load_config
-from pneumoscope.training.compare import compare, parse_weights
+from pneumoscope.pipeline import compare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,9 +41,8 @@ def main() -> None:
     study = Path(config.out) / (config.name or "compare")  # where compare() writes
     if args.overwrite and study.is_dir():
         shutil.rmtree(study)
-    models = config.compare.models.split(",")
     start = time.perf_counter()
-    result = compare(config, models, parse_weights(config.compare.weights, models), progress=False)
+    result = compare(config, progress=False)
     wall = time.perf_counter() - start
     board = result["leaderboard"]
     record = {"benchmark": args.tag, "command": shlex.join([sys.executable, *sys.argv]),

@@ -58,7 +58,8 @@ from pneumoscope.evaluation.metrics import binary_metrics
 from pneumoscope.evaluation.stress import STRESS_TESTS, stress_probabilities, stress_report
 from pneumoscope.evaluation.threshold import choose_threshold
 from pneumoscope.models.checkpoint import load_checkpoint
-from pneumoscope.training.train import train
+from pneumoscope.pipeline import train
+from pneumoscope.runs import read_summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COMMON = ["model.name=efficientnet_lite0", "model.weights=package", "data.batch_size=32",
@@ -76,13 +77,13 @@ class Candidate:
 
 CANDIDATES: dict[str, Candidate] = {
     "light": Candidate(("eval.n_bootstrap=1000",), 1, ("recipe-search", "lite0-light-seed0")),
-    "strong": Candidate(("data.augment_preset=strong", "eval.n_bootstrap=200"), 1,
+    "strong": Candidate(("data.augment=strong", "eval.n_bootstrap=200"), 1,
                         ("recipe-search", "lite0-strong-seed0")),
     "light-smooth0.1": Candidate(("train.label_smoothing=0.1", "eval.n_bootstrap=200"), 1,
                                  ("recipe-search", "lite0-smooth-seed0")),
     # Round 2, added after round 1's validation stress results: every round-1 model lost
     # specificity under noise, JPEG and sharpening, i.e. it read fine texture as disease.
-    "texture": Candidate(("data.augment_preset=texture", "eval.n_bootstrap=200"), 2,
+    "texture": Candidate(("data.augment=texture", "eval.n_bootstrap=200"), 2,
                          ("recipe-search", "lite0-texture-seed0")),
 }
 # Stress families an augmentation setting already trains for; those leave the criterion.
@@ -95,9 +96,9 @@ SEED = 0
 def covered_families(overrides: tuple[str, ...]) -> set[str]:
     """Stress families the candidate's training augmentation covers."""
     config = load_config(dotted=list(overrides))
-    if not config.data.augment:
+    if config.data.augment == "none":
         return set()
-    aug = augment_config(config.data.augment_preset)
+    aug = augment_config(config.data.augment)
     used = {"contrast": aug.contrast > 0 or aug.brightness > 0, "gamma": aug.gamma != (1.0, 1.0),
             "noise": aug.noise > 0, "blur": aug.blur > 0}
     return {family for knob, on in used.items() if on for family in COVERS[knob]}
@@ -242,9 +243,9 @@ def main() -> None:
         config = candidate_config(name, args.data, Path(args.runs))
         ensure_trained(config)
         labels, probs, threshold = stress_scores(config)
-        summary = json.loads((config.run_dir / "metrics.json").read_text())
+        summary = read_summary(config.run_dir)
         results[name] = {"round": candidate.round, "overrides": list(candidate.overrides),
-                         "run_dir": str(config.run_dir), "wall_time_s": summary["wall_time_s"],
+                         "run_dir": str(config.run_dir), "wall_time_s": summary.wall_time_s,
                          "augmentation_covers": sorted(covered_families(candidate.overrides)),
                          "stress": summarise(labels, probs, threshold, families),
                          "threshold_rules": threshold_rules(labels, probs)}

@@ -95,7 +95,7 @@ class Server:
     """``pneumoscope serve`` in a subprocess, stopped on exit."""
 
     def __init__(self, checkpoint: Path, backend: str, log_file: Path, startup_timeout: float = 180) -> None:
-        from pneumoscope.cli import FAST_MALLOC_ENV
+        from pneumoscope.runtime import FAST_MALLOC_ENV
 
         self.port = _free_port()
         self.url = f"http://{HOST}:{self.port}"

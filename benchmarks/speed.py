@@ -171,8 +171,7 @@ def _torch_train(spec: dict[str, Any], train_records: list[Any], val_records: li
     """PneumoScope's training path with its defaults; only sizes and bookkeeping are set."""
     from pneumoscope.config import load_config
     from pneumoscope.data.cache import cached_images
-    from pneumoscope.data.datasets import SplitData
-    from pneumoscope.training.train import train
+    from pneumoscope.pipeline import train
 
     with tempfile.TemporaryDirectory() as out:
         config = load_config(dotted=[
@@ -182,10 +181,8 @@ def _torch_train(spec: dict[str, Any], train_records: list[Any], val_records: li
             f"train.seed={SEED}", "tracking.enabled=false", "eval.n_bootstrap=0",
             f"out={out}", "name=run"])
         t = time.perf_counter()
-        splits = {"train": SplitData.from_cache(cached_images(train_records, spec["image_size"],
-                                                              cache_dir)),
-                  "val": SplitData.from_cache(cached_images(val_records, spec["image_size"],
-                                                            cache_dir))}
+        splits = {"train": cached_images(train_records, spec["image_size"], cache_dir),
+                  "val": cached_images(val_records, spec["image_size"], cache_dir)}
         data_prep = time.perf_counter() - t
         timer = _epoch_timer()
         train(config, splits=splits, progress=False, callbacks=[timer])
@@ -255,8 +252,8 @@ def work_infer(spec: dict[str, Any]) -> dict[str, Any]:
 
         model = build_model(name, "none", image_size=size, channels_last=backend == "tuned").eval()
         if backend == "onnx":
+            from pneumoscope.export.onnx import INPUT_NAME, OUTPUT_NAME, export_bytes, ort_session
             from pneumoscope.models.checkpoint import CheckpointInfo
-            from pneumoscope.serve.export import INPUT_NAME, OUTPUT_NAME, export_bytes, ort_session
 
             info = CheckpointInfo(model=name, preprocessing=model.preprocessing,
                                   arch_kwargs=model.arch_kwargs)
@@ -333,7 +330,7 @@ def work_lever(spec: dict[str, Any]) -> dict[str, Any]:
 def work_precision(spec: dict[str, Any]) -> dict[str, Any]:
     """A short from-scratch training run through ``train``; its validation metrics."""
     from pneumoscope.config import load_config
-    from pneumoscope.training.train import train
+    from pneumoscope.pipeline import train
 
     with tempfile.TemporaryDirectory() as out:
         config = load_config(dotted=[
@@ -343,7 +340,7 @@ def work_precision(spec: dict[str, Any]) -> dict[str, Any]:
             "tracking.enabled=false", "eval.n_bootstrap=0", f"out={out}", "name=run"])
         timer = _epoch_timer()
         result = train(config, splits=None, progress=False, callbacks=[timer])
-    val = result.metrics["val"]["at_threshold"]["metrics"]
+    val = result.summary.val.at_threshold.metrics
     return {"epoch_s": [r["epoch_s"] for r in timer.rows], "wall_time_s": result.wall_time_s,
             "val_auc": val["auc"], "val_log_loss": val["log_loss"], "val_accuracy": val["accuracy"]}
 
@@ -359,7 +356,7 @@ def _env(fast_malloc: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_KEYS}
     env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
     if fast_malloc:
-        from pneumoscope.cli import FAST_MALLOC_ENV
+        from pneumoscope.runtime import FAST_MALLOC_ENV
 
         env.update(FAST_MALLOC_ENV)
     return env

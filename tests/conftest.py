@@ -10,7 +10,6 @@ import pytest
 
 # Hub calls must fail fast here (no internet in CI), and caches stay inside the test run.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PNEUMOSCOPE_NO_REEXEC", "1")
 
 
 @pytest.fixture(autouse=True)

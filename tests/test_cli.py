@@ -56,7 +56,7 @@ def _check_compare_tracked(out: Path) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from pneumoscope.training.tracking import default_store_uri
+    from pneumoscope.tracking import default_store_uri
 
     client = MlflowClient(tracking_uri=default_store_uri(out))
     runs = client.search_runs([client.get_experiment_by_name("pneumoscope").experiment_id])
@@ -76,7 +76,7 @@ def _check_compare_tracked(out: Path) -> None:
     (["compare", "--models", "resnet18,nope", "--data", "."], "unknown model 'nope'"),
     (["evaluate", "/no/model.safetensors", "--data", "."], "checkpoint not found"),
     (["train", "--set", "train.bogus=1"], "unknown config key"),
-    (["train", "--augment", "wild", "--data", "."], "data.augment_preset must be one of"),
+    (["train", "--augment", "wild", "--data", "."], "data.augment must be one of"),
 ])
 def test_bad_input_exits_2_with_a_message(argv: list[str], message: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,14 +84,24 @@ def test_bad_input_exits_2_with_a_message(argv: list[str], message: str,
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("flag", "augment", "preset"), [
-    ("texture", True, "texture"), ("none", False, "light"), (None, True, "light")])
-def test_augment_flag_sets_the_preset(flag: str | None, augment: bool, preset: str) -> None:
+@pytest.mark.parametrize(("flag", "augment"), [("texture", "texture"), ("none", "none"), (None, "light")])
+def test_augment_flag_sets_the_preset(flag: str | None, augment: str) -> None:
     from pneumoscope.cli import _config_from_args, build_parser
 
     argv = ["train", "--data", "."] + (["--augment", flag] if flag else [])
     config = _config_from_args(build_parser().parse_args(argv))
-    assert (config.data.augment, config.data.augment_preset) == (augment, preset)
+    assert config.data.augment == augment
+
+
+def test_weights_flag_sets_a_default_and_per_model_sources() -> None:
+    from pneumoscope.cli import _config_from_args, build_parser
+
+    argv = ["compare", "--data", ".", "--models", "efficientnet_lite0,resnet18",
+            "--weights", "none,efficientnet_lite0=package"]
+    config = _config_from_args(build_parser().parse_args(argv))
+    assert config.compare.models == ("efficientnet_lite0", "resnet18")
+    assert config.compare.sources(config.model.weights) == {"efficientnet_lite0": "package",
+                                                            "resnet18": "none"}
 
 
 def test_empty_class_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

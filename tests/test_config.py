@@ -10,10 +10,10 @@ from pneumoscope.config import RunConfig, load_config, parse_override, save_conf
 def test_defaults_yaml_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  name: resnet18\ntrain:\n  epochs: 3\n")
-    cfg = load_config(path, {"data": {"image_size": 128}}, ["train.lr=3e-4", "data.augment=false"])
+    cfg = load_config(path, {"data": {"image_size": 128}}, ["train.lr=3e-4", "data.augment=none"])
     assert cfg.model.name == "resnet18" and cfg.train.epochs == 3
     assert cfg.data.image_size == 128 and cfg.train.lr == pytest.approx(3e-4)
-    assert cfg.data.augment is False
+    assert cfg.data.augment == "none"
     assert cfg.run_dir == Path("runs/resnet18-seed42")
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == cfg
@@ -28,12 +28,29 @@ def test_defaults_yaml_and_overrides(tmp_path: Path) -> None:
     ("data.colour=1", "unknown config key.*data.colour"),
     ("train.lr=fast", "train.lr must be a number, got 'fast'"),
     ("eval.threshold_method=target_sensitivity", "eval.target_sensitivity must be in"),
-    ("data.augment=maybe", "data.augment must be true or false"),
-    ("data.augment_preset=wild", "data.augment_preset must be one of"),
+    ("data.augment=wild", "data.augment must be one of"),
+    ("compare.models=[resnet18, resnet18]", "compare.models lists a model twice"),
+    ("compare.weights={vgg16: none}", "compare.weights names vgg16"),
 ])
 def test_bad_values_are_named(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_config(dotted=[override])
+
+
+def test_configs_written_before_one_augment_knob_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  augment: true\n  augment_preset: texture\n")
+    assert load_config(path).data.augment == "texture"
+    assert load_config(dotted=["data.augment=false"]).data.augment == "none"
+
+
+def test_study_lists_are_typed_and_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(dotted=["compare.models=efficientnet_lite0,resnet18",
+                              "compare.weights=resnet18=none"])
+    assert cfg.compare.models == ("efficientnet_lite0", "resnet18")
+    assert cfg.compare.sources("package") == {"efficientnet_lite0": "package", "resnet18": "none"}
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
 
 
 def test_bad_files_and_override_syntax(tmp_path: Path) -> None:

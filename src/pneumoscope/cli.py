@@ -13,26 +13,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pneumoscope import __version__
+# Commands import their stage when they run: `pneumoscope --help` and `models` stay instant,
+# and a command whose optional extra is missing fails alone, with the install hint.
+from pneumoscope import __version__, logs
+from pneumoscope.config import RunConfig, load_config
+from pneumoscope.runs import SplitReport
+from pneumoscope.runtime import keep_freed_memory
 
 log = logging.getLogger("pneumoscope")
-
-# glibc reads these at start-up only. Without them every large batch returns its buffers to the
-# OS and page-faults them back; with them freed buffers are reused (speed: see the speed issue).
-FAST_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
 TRAIN_EXAMPLE = """example:
   pneumoscope train --data ../shared/data/chest_xray --model efficientnet_lite0 \\
       --weights package --epochs 4 --image-size 192 --out runs
   pneumoscope train --data ../shared/data/chest_xray --model resnet18 --weights none \
       --set train.freeze_epochs=0 --set train.lr=3e-4 --out runs
-  pneumoscope train ... --resume        # same arguments: continue the interrupted run"""
+  pneumoscope train ... --resume        # same arguments: continue the interrupted run
+  pneumoscope train --init model.safetensors --data SITE_DIR --epochs 2 --lr 1e-4 \
+      --out runs/site   # fine-tune an existing model on a site's labelled films"""
 EVAL_EXAMPLE = """example:
   pneumoscope evaluate runs/efficientnet_lite0-seed42/model.safetensors \\
       --data ../shared/data/chest_xray --out runs/eval-test
@@ -56,6 +58,15 @@ EXPLAIN_EXAMPLE = """example:
 REPORT_EXAMPLE = """example:
   pneumoscope report runs/quick-compare            # → runs/quick-compare/report.{html,md}
   pneumoscope report runs/resnet18-seed42 --out reports/resnet18 --no-cams"""
+CALIBRATE_EXAMPLE = """example (a site's own labelled films; see README "Deploying at a new site"):
+  pneumoscope calibrate model.safetensors --data /site/labelled --target-sensitivity 0.95 \
+      --temperature --out site.safetensors"""
+ADAPT_EXAMPLE = """example:
+  pneumoscope adapt model.safetensors --unlabeled /site/films --out adapted.safetensors
+  pneumoscope calibrate adapted.safetensors --data /site/labelled --out site.safetensors"""
+GATE_EXAMPLE = """example (a model trained before the gate existed):
+  pneumoscope gate fit runs/old/model.safetensors --data ../shared/data/chest_xray \
+      --out runs/old/model-gated.safetensors"""
 SERVE_EXAMPLE = """example:
   pneumoscope serve runs/efficientnet_lite0-seed42/model.safetensors   # http://127.0.0.1:8000/
   pneumoscope serve model.safetensors --backend onnx --port 8080 --max-upload-mb 10"""
@@ -95,9 +106,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="any config value, e.g. --set train.freeze_epochs=1 (repeatable)")
 
 
-def _config_from_args(args: argparse.Namespace) -> Any:
-    from pneumoscope.config import load_config
-
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
     flat = {
         ("data", "root"): args.data, ("data", "image_size"): args.image_size,
         ("data", "batch_size"): args.batch_size, ("data", "subset"): args.subset,
@@ -111,12 +120,28 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         ("tracking", "uri"): args.tracking_uri,
         ("tracking", "enabled"): False if args.no_tracking else None,
     }
-    if getattr(args, "weights", None) and "=" not in args.weights and "," not in args.weights:
-        flat[("model", "weights")] = args.weights
-    if args.augment is not None:
-        flat[("data", "augment")] = args.augment != "none"
-        if args.augment != "none":
-            flat[("data", "augment_preset")] = args.augment
+    if getattr(args, "init", None):
+        from pneumoscope.models.checkpoint import read_info
+
+        info = read_info(args.init)
+        flat[("model", "init")] = args.init
+        flat[("model", "name")] = args.model or info.model
+        flat[("data", "image_size")] = args.image_size or info.preprocessing.image_size
+    if getattr(args, "models", None):
+        flat[("compare", "models")] = args.models
+    if getattr(args, "weights", None):
+        # "package", or per model "efficientnet_lite0=package,resnet18=none", or both mixed.
+        parts = [p.strip() for p in args.weights.split(",") if p.strip()]
+        bare = [p for p in parts if "=" not in p]
+        pairs = ",".join(p for p in parts if "=" in p)
+        if len(bare) > 1:
+            raise ValueError(f"--weights gives {len(bare)} default sources ({', '.join(bare)}); "
+                             "give one, plus model=source pairs")
+        if bare:
+            flat[("model", "weights")] = bare[0]
+        if pairs:
+            flat[("compare", "weights")] = pairs
+    flat[("data", "augment")] = args.augment
     if args.target_sensitivity is not None:
         flat[("eval", "threshold_method")] = "target_sensitivity"
         flat[("eval", "target_sensitivity")] = args.target_sensitivity
@@ -128,7 +153,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     return load_config(args.config, overrides, args.overrides)
 
 
-def _ensure_data(config: Any) -> Any:
+def _ensure_data(config: RunConfig) -> RunConfig:
     """No --data: fetch the public release (resumable) and point the config at it."""
     if config.data.root is not None:
         return config
@@ -142,25 +167,36 @@ def _ensure_data(config: Any) -> Any:
     return replace(config, data=replace(config.data, root=str(root)))
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from pneumoscope.training.train import train
+def _fmt3(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
+
+HEADLINE_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
+
+
+def _print_metrics(report: SplitReport) -> None:
+    """The headline metrics of a split at its threshold, with their 95% CIs."""
+    point = report.at_threshold
+    for key in HEADLINE_METRICS:
+        value = point.metrics.get(key)
+        lo, hi = point.ci95.get(key) or (float("nan"), float("nan"))
+        print(f"  {key:<12} {float('nan') if value is None else value:.3f}  [{lo:.3f}, {hi:.3f}]")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pneumoscope import pipeline
+
+    logs.tame_lightning(args.verbose)
     config = _ensure_data(_config_from_args(args))
-    result = train(config, resume=args.resume)
-    _print_result(result.metrics, result.run_dir)
+    result = pipeline.train(config, resume=args.resume)
+    summary = result.summary
+    if summary is not None:  # None on the other ranks of a DDP run
+        split = "test" if summary.test is not None else "val"
+        print(f"{summary.model}: {split} at threshold {summary.threshold:.3f} (chosen on val)")
+        _print_metrics(summary.split(split))
+    print(f"run folder: {result.run_dir}")
     print(f"model file: {result.checkpoint}")
     return 0
-
-
-def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
-    split = "test" if "test" in summary else "val"
-    m = summary[split]["at_threshold"]["metrics"]
-    ci = summary[split]["at_threshold"]["ci95"]
-    print(f"{summary['model']}: {split} at threshold {summary['threshold']:.3f} (chosen on val)")
-    for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
-        lo, hi = ci.get(key) or (float("nan"), float("nan"))
-        print(f"  {key:<12} {m[key]:.3f}  [{lo:.3f}, {hi:.3f}]")
-    print(f"run folder: {run_dir}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -169,13 +205,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.checkpoint).parent / f"eval-{Path(args.data).name}")
     report = evaluate_checkpoint(args.checkpoint, args.data, out, split=args.split,
                                  manifest=args.manifest, group_by=args.group_by,
-                                 n_bootstrap=args.n_bootstrap, seed=args.seed, stress=args.stress)
-    m, ci = report["at_threshold"]["metrics"], report["at_threshold"]["ci95"]
+                                 n_bootstrap=args.n_bootstrap, seed=args.seed, stress=args.stress,
+                                 gate=not args.no_gate)
     print(f"{report['model']} on {args.data} ({report['split']}, n={report['n']}) "
           f"at threshold {report['threshold']:.3f}")
-    for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
-        lo, hi = ci.get(key) or (float("nan"), float("nan"))
-        print(f"  {key:<12} {m[key] if m[key] is not None else float('nan'):.3f}  [{lo:.3f}, {hi:.3f}]")
+    _print_metrics(SplitReport.from_dict(report, str(out)))
+    gate = report.get("gate") or {}
+    if gate.get("counts"):
+        c = gate["counts"]
+        print(f"  gate ({gate['state']}): {c['ok']} ok, {c['warn']} unlike the training films, "
+              f"{c['refuse']} refused; accuracy of ok / flagged films: "
+              f"{_fmt3(gate.get('accuracy_ok'))} / {_fmt3(gate.get('accuracy_warn'))}")
     for name, values in (report.get("stress") or {}).items():
         print(f"  stress {name:<15} sensitivity {values['sensitivity']:.3f}  "
               f"specificity {values['specificity']:.3f}")
@@ -186,15 +226,68 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pneumoscope.training.compare import compare, parse_weights
+    from pneumoscope import pipeline
 
+    logs.tame_lightning(args.verbose)
     config = _ensure_data(_config_from_args(args))
-    text = args.models or config.compare.models
-    models = [m.strip() for m in text.split(",") if m.strip()] or [config.model.name]
-    weights = parse_weights(args.weights or config.compare.weights or config.model.weights, models)
-    result = compare(config, models, weights, resume=args.resume)
+    result = pipeline.compare(config, resume=args.resume)
     print(result["paths"]["md"].read_text())
     print(f"leaderboard: {result['paths']['md']}")
+    return 0
+
+
+def _print_site_metrics(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Before/after table of a site step (metrics with their 95% CIs)."""
+    print(f"  {'':<12} {'before':>22}  {'after':>22}")
+    for key in ("accuracy", "sensitivity", "specificity", "auc"):
+        cells = []
+        for side in (before, after):
+            value = side.get("metrics", {}).get(key)
+            lo, hi = side.get("ci95", {}).get(key) or (float("nan"), float("nan"))
+            cells.append(f"{float('nan') if value is None else value:.3f} [{lo:.3f}, {hi:.3f}]")
+        print(f"  {key:<12} {cells[0]:>22}  {cells[1]:>22}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import warnings
+
+    from pneumoscope.site.calibrate import SmallSiteWarning, calibrate_checkpoint
+
+    method = "youden" if args.youden else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallSiteWarning)  # printed below, once, with the result
+        result = calibrate_checkpoint(args.checkpoint, args.data, out=args.out, method=method,
+                                      target_sensitivity=args.target_sensitivity,
+                                      temperature=args.temperature, n_resamples=args.n_bootstrap,
+                                      split=args.split, overwrite=args.overwrite,
+                                      abstain_accuracy=args.abstain_accuracy,
+                                      abstain_npv=args.abstain_npv)
+    cal = result.calibration
+    print(f"{args.checkpoint} on {args.data}: {result.n_normal} normal, {result.n_pneumonia} "
+          f"pneumonia films")
+    print(f"  threshold {result.previous_threshold:.3f} → {cal.threshold:.3f} ({cal.label}); "
+          f"temperature {result.previous_temperature:.3f} → {cal.temperature:.3f}")
+    print("  in-sample (the same films chose the threshold: optimistic):")
+    _print_site_metrics(result.before, result.after)
+    if "abstain" in result.after:
+        band = result.after["abstain"]
+        print(f"  abstain band [{band['low']:.3f}, {band['high']:.3f}): {band['n_uncertain']} films "
+              f"uncertain, accepted accuracy {band['accuracy']:.3f}, NPV {band['npv']:.3f} (in-sample)")
+    for message in result.warnings:
+        print(f"  WARNING: {message}", file=sys.stderr)
+    print(f"calibrated model: {result.out} (the input file is unchanged)")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from pneumoscope.site.adapt import adapt_checkpoint
+
+    result = adapt_checkpoint(args.checkpoint, args.unlabeled, out=args.out,
+                              overwrite=args.overwrite)
+    print(f"AdaBN: {result.n_layers} BatchNorm layers re-estimated on {result.n_films} site films")
+    for message in result.warnings:
+        print(f"  WARNING: {message}", file=sys.stderr)
+    print(f"adapted model: {result.out} (threshold kept; calibrate it on labelled site films)")
     return 0
 
 
@@ -207,7 +300,7 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from pneumoscope.data.download import check_dataset, format_report
+    from pneumoscope.data.audit import check_dataset, format_report
 
     report = check_dataset(args.root)
     print(format_report(report))
@@ -225,16 +318,18 @@ def cmd_models(_: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pneumoscope.serve.predict import Predictor, collect_inputs, write_rows
+    from pneumoscope.serve.predict import Predictor, collect_inputs, is_onnx_file, write_rows
 
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json, got {args.out}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     paths = collect_inputs(args.inputs)
-    predictor = Predictor(args.checkpoint, backend=args.backend)
+    predictor = Predictor(args.checkpoint, backend=args.backend, gate=not args.no_gate)
     rows = predictor.predict_files(paths, batch_size=args.batch_size, progress=sys.stderr.isatty())
     failed = [r for r in rows if r.error]
+    refused = [r for r in rows if r.gate == "refuse"]
+    warned = [r for r in rows if r.gate == "warn"]
     if args.out:
         write_rows(rows, args.out)
     else:
@@ -243,26 +338,65 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for r in rows:
             shown = r.path if len(r.path) <= width else "..." + r.path[-(width - 3):]
             prob = f"{r.prob_pneumonia:.4f}" if r.prob_pneumonia is not None else "-"
-            print(f"{shown:<{width}}  {prob:>12}  {r.label or 'ERROR: ' + (r.error or '')}")
+            print(f"{shown:<{width}}  {prob:>12}  {_row_verdict(r)}")
     if args.heatmaps:
         from pneumoscope.explain.cam import explain_files
 
-        if Path(args.checkpoint).suffix == ".onnx":
+        if is_onnx_file(args.checkpoint):
             raise ValueError("--heatmaps needs the model.safetensors checkpoint (CAMs need gradients)")
-        good = [Path(r.path) for r in rows if not r.error]
+        good = [Path(r.path) for r in rows if not r.error and r.gate != "refuse"]
         explain_files(args.checkpoint, good, args.heatmaps, methods=("gradcam",),
                       progress=sys.stderr.isatty())
         print(f"heatmaps (Grad-CAM overlays and .npy): {args.heatmaps}")
-    print(f"{predictor.info.model} ({predictor.backend}, threshold {predictor.threshold:.3f}): "
-          f"{len(rows)} file(s), {len(failed)} failed"
+    print(f"{predictor.info.model} ({predictor.backend}, threshold {predictor.threshold:.3f}, "
+          f"gate {predictor.gate.state}): {len(rows)} file(s), {len(failed)} failed, "
+          f"{len(refused)} refused as not chest films, {len(warned)} flagged unlike the training films"
           + (f"; results: {args.out}" if args.out else ""))
     return 1 if failed else 0
+
+
+def _row_verdict(row: Any) -> str:
+    """The label column of the predict table: the label, the gate's word on it, or the error."""
+    if row.error:
+        return f"ERROR: {row.error}"
+    if row.gate == "refuse":
+        from pneumoscope.guard.gate import describe_reason
+
+        reasons = "; ".join(describe_reason(r) for r in (row.gate_reason or "").split(";") if r)
+        return f"REFUSED: not a chest film ({reasons})"
+    if row.gate == "warn":
+        return f"{row.label}  (WARNING: unlike the training films, probability unreliable)"
+    return str(row.label)
+
+
+def cmd_gate_fit(args: argparse.Namespace) -> int:
+    from pneumoscope.data.datasets import load_splits
+    from pneumoscope.guard.model_file import add_gate, fit_gate_for, score_rates
+    from pneumoscope.models.checkpoint import read_info
+
+    info = read_info(args.checkpoint)
+    config = load_config(dotted=[f"data.root={args.data}",
+                                 f"data.image_size={info.preprocessing.image_size}"])
+    seed = int((info.config.get("train") or {}).get("seed", config.train.seed))
+    splits = load_splits(config.data, seed)  # the model's own patient-grouped split, by its seed
+    small = 28 if args.data.endswith(".npz") else None
+    gate = fit_gate_for(splits["train"].images, splits["val"].images,
+                        info.preprocessing.image_size, sources_min_side=small)
+    out = add_gate(args.checkpoint, gate, args.out)
+    assert gate.levels is not None
+    print(f"gate fitted on {gate.n_fitted} training films of {args.data}: warn above "
+          f"{gate.levels.warn:.1f}, refuse above {gate.levels.refuse:.1f} (levels from validation)")
+    rates = score_rates(gate, splits["val"].images) or {}
+    print(f"  validation above warn {rates.get('above_warn', float('nan')):.3f}, "
+          f"above refuse {rates.get('above_refuse', float('nan')):.3f}")
+    print(f"gated model: {out} (the input file is unchanged)")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
-    from pneumoscope.serve.export import export_onnx
+    from pneumoscope.export.onnx import export_onnx
 
     out = export_onnx(args.checkpoint, args.out, opset=args.opset, check=True)
     parity = json.loads(Path(f"{out}.json").read_text())["parity"]
@@ -273,7 +407,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from pneumoscope.explain.cam import explain_files, faithfulness, format_faithfulness
+    from pneumoscope.explain.cam import explain_files, faithfulness_of_files, format_faithfulness
 
     methods = [m.strip() for text in (args.method or ["gradcam"]) for m in text.split(",") if m.strip()]
     rows = explain_files(args.checkpoint, args.images, args.out, methods=methods,
@@ -284,16 +418,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"{len(rows) - len(failed)} image(s) x {len(methods)} method(s) explained, "
           f"{len(failed)} skipped; overlays (.png) and heatmaps (.npy): {args.out}")
     if args.faithfulness:
-        import numpy as np
-
-        from pneumoscope.data.decode import load_grayscale, resize_square
-        from pneumoscope.models.checkpoint import load_checkpoint
-
-        model, info = load_checkpoint(args.checkpoint)
-        size = info.preprocessing.image_size
-        images = [resize_square(load_grayscale(r["path"]), size) for r in rows if not r["error"]]
-        if images:
-            table = [faithfulness(model, np.stack(images), m, spec=info) for m in methods]
+        table = faithfulness_of_files(args.checkpoint, [r["path"] for r in rows if not r["error"]],
+                                      methods)
+        if table:
             print(format_faithfulness(table))
     return 1 if failed else 0
 
@@ -312,14 +439,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pneumoscope.data.decode import MAX_PIXELS
     from pneumoscope.serve.app import serve
+    from pneumoscope.serve.predict import resolve_backend
 
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the service has no authentication and is for research use "
                     "only; put it behind an authenticating proxy before exposing it", args.host)
-    backend = args.backend or ("onnx" if Path(args.checkpoint).suffix.lower() == ".onnx" else "torch")
-    serve(args.checkpoint, host=args.host, port=args.port, backend=backend,
+    serve(args.checkpoint, host=args.host, port=args.port,
+          backend=resolve_backend(args.checkpoint, args.backend),
           max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or MAX_PIXELS,
           on_ready=lambda url: print(f"PneumoScope: open {url} (API docs: {url}docs); Ctrl+C stops",
                                      flush=True))
@@ -337,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model", epilog=TRAIN_EXAMPLE, formatter_class=fmt)
     p.add_argument("--model", help="registry name (see `pneumoscope models`)")
     p.add_argument("--weights", help="hub | package | none | PATH to .safetensors/.pth")
+    p.add_argument("--init", metavar="CKPT",
+                   help="fine-tune an existing model file (e.g. on a site's labelled films): its "
+                   "architecture, image size and weights are the start")
     _add_run_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -353,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stress", action="store_true",
                    help="also score the images under fixed acquisition changes (gamma, contrast, "
                         "blur, noise, JPEG, low resolution, equalisation, sharpening)")
+    p.add_argument("--no-gate", action="store_true", help="do not run the input gate")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train and compare several models on the same split",
@@ -374,7 +506,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--heatmaps", metavar="DIR",
                    help="also write a Grad-CAM overlay PNG and heatmap .npy per image into DIR")
+    p.add_argument("--no-gate", action="store_true",
+                   help="research only: skip the input gate (recorded as gate=off in the output)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("gate", help="the input gate that refuses what is not a chest film")
+    gate_sub = p.add_subparsers(dest="gate_command", required=True)
+    g = gate_sub.add_parser("fit", help="fit the gate of an existing model file on its training data",
+                            epilog=GATE_EXAMPLE, formatter_class=fmt)
+    g.add_argument("checkpoint", help="model.safetensors (never modified)")
+    g.add_argument("--data", required=True, help="the data the model was trained on (same layout)")
+    g.add_argument("--out", required=True, help="the new model file with its gate")
+    g.set_defaults(func=cmd_gate_fit)
 
     p = sub.add_parser("export", help="export a model file for deployment (ONNX)",
                        epilog=EXPORT_EXAMPLE, formatter_class=fmt)
@@ -419,6 +562,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest image, in pixels (default 50000000; larger ones get HTTP 422)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("calibrate", help="fit a model's threshold (and temperature) on a site's "
+                       "labelled films, as a new model file", epilog=CALIBRATE_EXAMPLE,
+                       formatter_class=fmt)
+    p.add_argument("checkpoint", help="model.safetensors to calibrate (never modified)")
+    p.add_argument("--data", required=True, help="the site's labelled NORMAL/PNEUMONIA folder")
+    p.add_argument("--out", required=True, help="the new model file (.safetensors)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--target-sensitivity", type=float, metavar="S",
+                      help="the highest threshold reaching this sensitivity on the site films")
+    rule.add_argument("--youden", action="store_true", help="maximise Youden's J (the default)")
+    p.add_argument("--temperature", action="store_true",
+                   help="also fit temperature scaling (calibrated probabilities)")
+    p.add_argument("--abstain-accuracy", type=float, metavar="A",
+                   help="also choose an abstain band: accepted calls at least this accurate; "
+                   "films inside it are labelled UNCERTAIN")
+    p.add_argument("--abstain-npv", type=float, metavar="V",
+                   help="also choose an abstain band: NORMAL calls with at least this NPV")
+    p.add_argument("--split", help="one split of a train/val/test tree (default: every film)")
+    p.add_argument("--n-bootstrap", type=int, default=1000)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("adapt", help="adapt a model to a site's unlabelled films (AdaBN), as a new "
+                       "model file", epilog=ADAPT_EXAMPLE, formatter_class=fmt)
+    p.add_argument("checkpoint", help="model.safetensors to adapt (never modified)")
+    p.add_argument("--unlabeled", required=True, metavar="DIR",
+                   help="folder of the site's films (any layout; labels are not used)")
+    p.add_argument("--out", required=True, help="the new model file (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_adapt)
+
     p = sub.add_parser("data", help="get or check a data set")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     d = data_sub.add_parser("download", help="download and extract the public Kermany release")
@@ -434,22 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reexec_with_fast_malloc(argv: Sequence[str]) -> None:
-    if (sys.platform.startswith("linux") and "MALLOC_MMAP_MAX_" not in os.environ
-            and not os.environ.get("PNEUMOSCOPE_NO_REEXEC")):
-        env = {**os.environ, **FAST_MALLOC_ENV}
-        os.execve(sys.executable, [sys.executable, "-m", "pneumoscope", *argv], env)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point. Called without ``argv`` (the console script), it first restarts itself
-    once with the faster malloc settings (set PNEUMOSCOPE_NO_REEXEC=1 to skip)."""
-    if argv is None:
-        argv = sys.argv[1:]
-        _reexec_with_fast_malloc(argv)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Entry point of the ``pneumoscope`` command."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logs.configure(args.verbose)
+    if argv is None:  # the console script: a whole process of ours
+        keep_freed_memory()
     from pneumoscope.data.decode import ImageDecodeError
     from pneumoscope.models.factory import WeightsUnavailableError
 

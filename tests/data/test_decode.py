@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.data.decode import ImageDecodeError, load_grayscale, resize_square
+from pneumoscope.data.decode import ImageDecodeError, decode_image, load_grayscale, resize_square
 
 GRADIENT = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (32, 1))  # 32 x 64
 
@@ -77,3 +77,43 @@ def test_resize_square() -> None:
     out = resize_square(GRADIENT, 48)
     assert out.shape == (48, 48) and out.dtype == np.uint8
     assert resize_square(out, 48) is out
+
+
+def _jpeg_bytes(rgb: np.ndarray, quality: int = 75) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_decode_image_reports_how_coloured_the_source_is(tmp_path: Path) -> None:
+    from pneumoscope.data.synthetic import make_phantom
+
+    rng = np.random.default_rng(0)
+    film = make_phantom(rng, 64).astype(float)
+    # A grey film through a colour pipeline: a slight cast and per-channel noise, then JPEG.
+    cast = np.stack([film + 6, film, film - 4], axis=-1) + rng.normal(0, 2, (64, 64, 3))
+    grey_rgb = decode_image(_jpeg_bytes(np.clip(cast, 0, 255).round().astype(np.uint8)))
+    assert 0 < grey_rgb.channel_spread < 20
+    assert decode_image(_jpeg_bytes(np.repeat(film.astype(np.uint8)[..., None], 3, 2))).channel_spread <= 2
+    colour = np.stack([film, 255 - film, np.full_like(film, 128)], axis=-1).astype(np.uint8)
+    assert decode_image(_jpeg_bytes(colour)).channel_spread > 100
+    grey = decode_image(_save(Image.fromarray(GRADIENT, "L"), tmp_path / "g.png"))
+    assert grey.channel_spread == 0.0 and grey.dicom is None
+    assert (grey.width, grey.height) == (64, 32)
+
+
+def test_decode_image_matches_load_grayscale_and_samples_big_images(tmp_path: Path) -> None:
+    big = np.zeros((600, 1000, 3), np.uint8)
+    big[:, :, 0] = 200  # red everywhere: the sampled copy must see it
+    path = _save(Image.fromarray(big, "RGB"), tmp_path / "red.png")
+    decoded = decode_image(path)
+    np.testing.assert_array_equal(decoded.gray, load_grayscale(path))
+    assert decoded.gray.shape == (600, 1000) and decoded.channel_spread == 200.0
+    assert (decoded.width, decoded.height) == (1000, 600)
+
+
+def test_decode_image_names_bytes_in_errors() -> None:
+    with pytest.raises(ImageDecodeError, match=r"^upload\.png: not a recognised image"):
+        decode_image(b"not an image", name="upload.png")
+    with pytest.raises(ImageDecodeError, match=r"^<bytes>: "):
+        decode_image(b"not an image")

@@ -19,14 +19,8 @@ import pytest
 from PIL import Image
 
 from pneumoscope.data import download as dl
-from pneumoscope.data.download import (
-    ArchiveError,
-    ChecksumError,
-    DownloadError,
-    check_dataset,
-    download_kermany,
-    format_report,
-)
+from pneumoscope.data.audit import check_dataset, format_report
+from pneumoscope.data.download import ArchiveError, ChecksumError, DownloadError, download_kermany
 
 ZIP = dl.ZIP_NAME
 

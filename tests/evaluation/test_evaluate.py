@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 
 from pneumoscope.data.records import ImageRecord
-from pneumoscope.evaluation.evaluate import (
-    evaluate_predictions,
-    read_predictions,
-    write_predictions,
-)
+from pneumoscope.evaluation.evaluate import evaluate_predictions
+from pneumoscope.runs import read_predictions, write_predictions
 
 
 def _case() -> tuple[np.ndarray, np.ndarray, list[ImageRecord]]:
@@ -46,9 +43,10 @@ def test_report_has_both_operating_points_cis_and_breakdowns() -> None:
 def test_predictions_csv_round_trip(tmp_path: Path) -> None:
     labels, probs, records = _case()
     write_predictions(tmp_path / "p.csv", records, probs, 0.6)
-    got_records, got_probs = read_predictions(tmp_path / "p.csv")
-    assert [r.label for r in got_records] == labels.tolist()
-    np.testing.assert_allclose(got_probs, probs, atol=1e-6)
+    saved = read_predictions(tmp_path / "p.csv")
+    assert [r.label for r in saved.records] == labels.tolist()
+    np.testing.assert_allclose(saved.probs, probs, atol=1e-6)
+    assert saved.predicted.tolist() == (probs >= 0.6).astype(int).tolist()
 
 
 def test_evaluate_checkpoint_on_folders_and_pneumoniamnist(kermany_tree: Path, tmp_path: Path) -> None:

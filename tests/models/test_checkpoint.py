@@ -43,3 +43,55 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="no PneumoScope metadata"):
         read_info(tmp_path / "plain.safetensors")
+
+
+def test_temperature_and_provenance_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none", image_size=32).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        raw = model(x)
+    model.set_temperature(2.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), raw / 2.5)
+    steps = ({"step": "calibrate", "date": "2025-01-01", "previous": {"threshold": 0.5}},)
+    info = CheckpointInfo(model="resnet18", preprocessing=model.preprocessing, temperature=2.5,
+                          provenance=steps)
+    path = save_checkpoint(tmp_path / "t.safetensors", model, info)
+    loaded, got = load_checkpoint(path)
+    assert got.temperature == 2.5 and got.provenance == steps
+    assert float(loaded.temperature) == 2.5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), raw / 2.5)
+    # The temperature is metadata, not a weight: the state dict is unchanged.
+    assert "temperature" not in loaded.state_dict()
+
+
+def test_checkpoint_without_the_new_fields_loads_with_defaults(tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = build_model("resnet18", "none", image_size=32).eval()
+    path = save_checkpoint(tmp_path / "new.safetensors", model,
+                           CheckpointInfo(model="resnet18", preprocessing=model.preprocessing))
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["pneumoscope"])
+    del meta["temperature"], meta["provenance"]  # as written before these fields existed
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={"pneumoscope": json.dumps(meta)})
+    loaded, info = load_checkpoint(old)
+    assert info.temperature == 1.0 and info.provenance == ()
+    assert float(loaded.temperature) == 1.0
+
+
+def test_temperature_must_match_and_be_positive(tmp_path: Path) -> None:
+    model = build_model("resnet18", "none", image_size=32)
+    model.set_temperature(2.0)
+    info = CheckpointInfo(model="resnet18", preprocessing=model.preprocessing)  # T = 1.0
+    with pytest.raises(ValueError, match=r"temperature 2 but info\.temperature is 1"):
+        save_checkpoint(tmp_path / "m.safetensors", model, info)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be"):
+            model.set_temperature(bad)

@@ -78,6 +78,9 @@ def test_compare_writes_a_complete_self_contained_report(compare_dir: Path) -> N
     # Robustness table: every model's validation under each stress test (spec / sens cells).
     stress = html[html.index('id="stress"'):html.index('id="reliability"')]
     assert all(m in stress for m in MODELS) and "jpeg_q20" in stress and stress.count(" / ") >= 10
+    # The input gate fitted with each model: its validation-set levels and rates per split.
+    gate = html[html.index('id="gate"'):html.index('id="reliability"')]
+    assert all(m in gate for m in MODELS) and "above refuse" in gate and ">val<" in gate
     images = _images(html)
     # 6 figures + 2 confusion matrices + per model: 4 kinds x 1 example x 3 panels (at most).
     assert len(images) >= 8 + 3 * len(MODELS)
@@ -98,6 +101,7 @@ def test_compare_writes_a_complete_self_contained_report(compare_dir: Path) -> N
     assert "Best model by validation AUC" in md and "Grad-CAM faithfulness" in md
     assert "## Robustness to acquisition changes" in md and "| model | threshold | clean |" in md
     assert "| jpeg_q20 |" in md
+    assert "## Input gate" in md
 
 
 def test_compare_logs_the_report_to_mlflow(compare_dir: Path) -> None:
@@ -105,7 +109,7 @@ def test_compare_logs_the_report_to_mlflow(compare_dir: Path) -> None:
         pytest.skip("MLflow not installed")
     from mlflow.tracking import MlflowClient
 
-    from pneumoscope.training.tracking import default_store_uri
+    from pneumoscope.tracking import default_store_uri
 
     client = MlflowClient(tracking_uri=default_store_uri(compare_dir.parent))
     runs = client.search_runs([client.get_experiment_by_name("pneumoscope").experiment_id])

@@ -265,7 +265,7 @@ def test_onnx_backend_and_onnx_file(ckpt: Path, good_files: dict[str, bytes], tm
         assert body["backend"] == "onnx"
         torch_prob = _post(c, "/v1/explain", good_files["png8"]).headers["x-probability"]
         assert body["probability"] == pytest.approx(float(torch_prob), abs=1e-4)
-    from pneumoscope.serve.export import export_onnx
+    from pneumoscope.export.onnx import export_onnx
 
     onnx_path = export_onnx(ckpt, tmp_path / "m.onnx", check=False)
     with TestClient(create_app(onnx_path, backend="onnx")) as c:

@@ -12,9 +12,9 @@ from PIL import Image
 from pneumoscope.cli import main
 from pneumoscope.data.datasets import to_model_input
 from pneumoscope.data.synthetic import make_phantom
+from pneumoscope.export import onnx as export
 from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
 from pneumoscope.models.factory import build_model
-from pneumoscope.serve import export
 from pneumoscope.serve.predict import Predictor
 
 pytest.importorskip("onnx")

@@ -136,3 +136,29 @@ def test_page_predicts_and_toggles_heatmap(server_url: str, browser: object, tmp
         assert [e for e in errors if "Failed to load resource" not in e] == []
     finally:
         page.close()
+
+
+def test_page_shows_a_notice_instead_of_a_label_for_a_photo(server_url: str, browser: object,
+                                                            tmp_path: Path) -> None:
+    expect = sync_api.expect
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    try:
+        page.goto(server_url + "/")
+        expect(page.locator("#model-name")).to_have_text("resnet18")
+        yy, xx = np.mgrid[0:128, 0:128] / 128
+        photo = np.stack([xx, yy, 1 - xx * yy], axis=-1) * 255
+        buf = io.BytesIO()
+        Image.fromarray(photo.astype(np.uint8), mode="RGB").save(buf, format="JPEG", quality=90)
+        page.get_by_label("Choose a chest X-ray").set_input_files(
+            files=[{"name": "photo.jpeg", "mimeType": "image/jpeg", "buffer": buf.getvalue()}])
+        notice = page.locator("#gate-notice")
+        expect(notice).to_be_visible(timeout=30_000)
+        expect(notice).to_contain_text("Not a chest X-ray")
+        expect(notice).to_contain_text("in colour")
+        expect(page.locator("#outcome")).to_be_hidden()  # no probability, no label
+        expect(page.locator("#status")).to_have_text("Done.")
+        if os.environ.get("PNEUMOSCOPE_SCREENSHOT_DIR"):
+            page.screenshot(path=str(Path(os.environ["PNEUMOSCOPE_SCREENSHOT_DIR"]) / "serve_refused.png"),
+                            full_page=True)
+    finally:
+        page.close()

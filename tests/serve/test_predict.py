@@ -152,8 +152,11 @@ def test_cli_predict_csv_json_and_exit_status(ckpt: Path, inputs: Path, tmp_path
     with out_csv.open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(GOOD) + len(BAD)
-    assert list(rows[0]) == ["path", "prob_pneumonia", "label", "threshold", "model", "error"]
+    assert list(rows[0]) == ["path", "prob_pneumonia", "label", "threshold", "model", "error", "gate",
+                             "gate_reason", "ood_score"]
     assert sum(bool(r["error"]) for r in rows) == len(BAD)
+    # A model file from before the gate: the deterministic checks run, the phantoms pass them.
+    assert {r["gate"] for r in rows if not r["error"]} == {"ok"}
     assert all(0 <= float(r["prob_pneumonia"]) <= 1 for r in rows if not r["error"])
 
     out_json = tmp_path / "good.json"

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from pneumoscope import tracking
 from pneumoscope.config import load_config
-from pneumoscope.training import tracking
-from pneumoscope.training.tracking import TrackingError, default_store_uri, track_run
-from pneumoscope.training.train import train
+from pneumoscope.evaluation.threshold import ThresholdRule
+from pneumoscope.pipeline import train
+from pneumoscope.runs import OperatingPoint, RunSummary, SplitReport
+from pneumoscope.tracking import TrackingError, default_store_uri, track_run
 
 TINY = ("model.name=resnet18", "model.weights=none", "data.image_size=32", "data.batch_size=16",
         "train.limit_train_batches=2", "eval.n_bootstrap=0")
@@ -53,10 +55,10 @@ def test_params_tags_and_final_metrics(tracked_run) -> None:
     assert tags["dataset"] == "chest_xray" and tags["pneumoscope_version"]
     assert tags["run_dir"] == str(result.run_dir.resolve())
     metrics = run.data.metrics
-    test = result.metrics["test"]["at_threshold"]["metrics"]
+    test = result.summary.test.at_threshold.metrics
     assert metrics["test_auc"] == pytest.approx(test["auc"])
     assert metrics["threshold"] == pytest.approx(result.threshold)
-    assert metrics["final_val_auc"] == pytest.approx(result.metrics["val"]["at_threshold"]["metrics"]["auc"])
+    assert metrics["final_val_auc"] == pytest.approx(result.summary.val.at_threshold.metrics["auc"])
     assert {"test_sensitivity", "test_specificity", "epochs_run"} <= set(metrics)
 
 
@@ -72,12 +74,17 @@ def test_epoch_history_and_artifacts(tracked_run) -> None:
     assert (result.run_dir.parent / "mlartifacts").is_dir()
 
 
+def _report(metrics: dict, ci95: dict) -> SplitReport:
+    point = OperatingPoint(0.4, metrics, ci95, {})
+    return SplitReport(10, 5, 5, 0.4, "youden", list(metrics), point, point)
+
+
 def test_final_metrics_carry_cis() -> None:
-    summary = {"threshold": 0.4, "epochs_run": 2,
-               "test": {"at_threshold": {"metrics": {"auc": 0.9, "f1": None},
-                                         "ci95": {"auc": [0.8, 0.95]}}}}
+    summary = RunSummary("resnet18", "none", 0.4, ThresholdRule(), epochs_run=2,
+                         val=_report({"auc": 0.7}, {}),
+                         test=_report({"auc": 0.9, "f1": None}, {"auc": [0.8, 0.95]}))
     assert tracking.final_metrics(summary) == {
-        "threshold": 0.4, "epochs_run": 2.0, "test_auc": 0.9,
+        "threshold": 0.4, "epochs_run": 2.0, "final_val_auc": 0.7, "test_auc": 0.9,
         "test_auc_ci_low": 0.8, "test_auc_ci_high": 0.95}
 
 
@@ -85,7 +92,7 @@ def test_disabled_tracking_writes_no_store(tmp_path: Path) -> None:
     config = load_config(dotted=[f"out={tmp_path}", "tracking.enabled=false"])
     with track_run(config, tmp_path / "run") as tracker:
         tracker.log_epoch(0, {"val_auc": 0.5})
-        tracker.log_final({"threshold": 0.5})
+        tracker.log_final(RunSummary("resnet18", "none", 0.5, ThresholdRule(), val=_report({}, {})))
     assert not tracker.active and not list(tmp_path.iterdir())
 
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscope.config import load_config
+from pneumoscope.config import load_config, with_overrides
 from pneumoscope.data.records import read_records
 from pneumoscope.data.splits import patient_overlap
 from pneumoscope.models.checkpoint import load_checkpoint
 from pneumoscope.models.factory import build_model
+from pneumoscope.pipeline import train
 from pneumoscope.training.module import ClassifierModule, warmup_cosine
-from pneumoscope.training.train import train
 
 
 def _config(tree: Path, out: Path, *extra: str):
@@ -36,7 +36,7 @@ def trained_run(learnable_tree: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_short_training_beats_chance_clearly(trained_run) -> None:
-    test = trained_run.metrics["test"]["at_threshold"]
+    test = trained_run.summary.to_dict()["test"]["at_threshold"]
     assert test["metrics"]["auc"] > 0.9, test["metrics"]
     lo, hi = test["ci95"]["auc"]
     assert lo <= test["metrics"]["auc"] <= hi
@@ -106,7 +106,7 @@ def test_sampler_balancing_runs(kermany_tree: Path, tmp_path: Path) -> None:
                            "data.class_balance=sampler", "eval.n_bootstrap=0",
                            "eval.threshold_method=target_sensitivity",
                            "eval.target_sensitivity=0.9"), progress=False)
-    assert result.metrics["val"]["at_threshold"]["metrics"]["sensitivity"] >= 0.9
+    assert result.summary.val.at_threshold.metrics["sensitivity"] >= 0.9
 
 
 def test_stress_pooled_threshold_is_chosen_on_validation_and_its_stressed_copies(
@@ -117,7 +117,7 @@ def test_stress_pooled_threshold_is_chosen_on_validation_and_its_stressed_copies
     result = train(_config(kermany_tree, tmp_path, "model.name=resnet18", "model.weights=none",
                            "train.epochs=1", "train.limit_train_batches=2", "eval.n_bootstrap=0",
                            "eval.threshold_on=val+stress"), progress=False)
-    summary = result.metrics
+    summary = result.summary.to_dict()
     assert summary["threshold_method"] == "youden@val+stress"
     assert list(summary["val_stress"]) == ["clean", *STRESS_TESTS]
     clean = summary["val_stress"]["clean"]
@@ -212,7 +212,31 @@ def test_bf16_training_records_its_precision_and_keeps_fp32_weights(
                            "train.epochs=2", "train.limit_train_batches=2", "eval.n_bootstrap=0",
                            "train.precision=bf16-mixed"), progress=False, callbacks=[counter])
     assert counter.epochs == 2
-    assert result.metrics["precision"] == "bf16-mixed"
+    assert result.summary.precision == "bf16-mixed"
     model, _ = load_checkpoint(result.checkpoint)
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert np.isfinite(result.metrics["val"]["at_threshold"]["metrics"]["auc"])
+    assert np.isfinite(result.summary.val.at_threshold.metrics["auc"])
+
+
+def test_fine_tuning_starts_from_an_existing_model_file(kermany_tree: Path, tmp_path: Path) -> None:
+    from pneumoscope.cli import _config_from_args, build_parser
+    from pneumoscope.training.train import initial_model
+
+    base = ("model.name=resnet18", "model.weights=none", "train.epochs=1",
+            "train.limit_train_batches=2", "eval.n_bootstrap=0", "eval.stress_test=false")
+    first = train(_config(kermany_tree, tmp_path / "a", *base), progress=False)
+    # --init takes the architecture and the image size from the file.
+    argv = ["train", "--init", str(first.checkpoint), "--data", str(kermany_tree),
+            "--out", str(tmp_path / "b")]
+    config = _config_from_args(build_parser().parse_args(argv))
+    assert (config.model.name, config.data.image_size) == ("resnet18", 64)
+    start, (saved, _) = initial_model(config), load_checkpoint(first.checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(),
+                                                 saved.state_dict().values(), strict=True))
+    second = train(with_overrides(config, eval={"n_bootstrap": 0, "stress_test": False},
+                                  train={"epochs": 1, "limit_train_batches": 2},
+                                  tracking={"enabled": False}), progress=False)
+    assert second.summary is not None and np.isfinite(second.summary.val.at_threshold.metrics["auc"])
+    with pytest.raises(ValueError, match="takes 64 px images"):
+        initial_model(load_config(dotted=[f"model.init={first.checkpoint}", "model.name=resnet18",
+                                          "data.image_size=96"]))

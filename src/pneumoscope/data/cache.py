@@ -32,13 +32,14 @@ def default_cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class CachedImages:
-    """Decoded images of a record list; ``records`` excludes files that failed to decode."""
+class SplitData:
+    """Decoded images of a record list: ``images[i]`` is the uint8 picture of ``records[i]``;
+    ``records`` excludes files that failed to decode."""
 
     images: np.ndarray
     """uint8 array (N, size, size), memory-mapped when it came from the cache."""
     records: list[ImageRecord]
-    failures: list[tuple[str, str]]
+    failures: tuple[tuple[str, str], ...] = ()
     """``(path, reason)`` for every file that could not be decoded (skipped, not fatal)."""
 
     @property
@@ -66,7 +67,7 @@ def _decode(path: str, size: int) -> np.ndarray | str:
 
 def decode_images(
     records: Sequence[ImageRecord], size: int, *, desc: str = "decoding", workers: int = 2
-) -> CachedImages:
+) -> SplitData:
     """Decode and resize ``records`` in memory (no cache). Unreadable files are skipped with a
     warning and listed in ``failures``."""
     images = np.empty((len(records), size, size), dtype=np.uint8)
@@ -84,13 +85,13 @@ def decode_images(
             kept.append(record)
     for path, reason in failures:
         log.warning("skipping unreadable image %s", reason or path)
-    return CachedImages(images[: len(kept)], kept, failures)
+    return SplitData(images[: len(kept)], kept, tuple(failures))
 
 
 def cached_images(
     records: Sequence[ImageRecord], size: int, cache_dir: str | Path | None = None, *,
     desc: str = "decoding",
-) -> CachedImages:
+) -> SplitData:
     """Like :func:`decode_images`, but stored under ``cache_dir`` and memory-mapped on reuse."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = _key(records, size)
@@ -104,7 +105,7 @@ def cached_images(
             kept = [by_path[p] for p in index["kept"]]
             if images.shape == (len(kept), size, size):
                 log.info("using cached images %s (%d images)", array_path, len(kept))
-                return CachedImages(images, kept, [tuple(f) for f in index["failures"]])
+                return SplitData(images, kept, tuple(tuple(f) for f in index["failures"]))
         except (OSError, ValueError, KeyError):
             log.warning("ignoring unreadable cache %s; rebuilding", array_path)
     result = decode_images(records, size, desc=desc)
@@ -121,7 +122,7 @@ def cached_images(
         os.replace(tmp_array, array_path)
         os.replace(tmp_index, index_path)
         images = np.load(array_path, mmap_mode="r")
-        return CachedImages(images, result.records, result.failures)
+        return SplitData(images, result.records, result.failures)
     except OSError as exc:
         log.warning("could not write image cache in %s (%s); continuing without it", cache_dir, exc)
         return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -13,30 +12,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pneumoscope.config import DataConfig
-from pneumoscope.data.cache import CachedImages, cached_images
+from pneumoscope.data.cache import SplitData, cached_images
 from pneumoscope.data.records import ImageRecord, attach_manifest, load_folder
 from pneumoscope.data.splits import make_splits, subsample
 
 log = logging.getLogger(__name__)
 
+__all__ = ["SplitData", "XrayDataModule", "class_weights", "load_pneumoniamnist", "load_splits",
+           "to_model_input", "to_model_input_numpy"]
+
 NPZ_SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class SplitData:
-    """One split, decoded: ``images[i]`` is the uint8 picture of ``records[i]``."""
-
-    images: np.ndarray
-    records: list[ImageRecord]
-    failures: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([r.label for r in self.records], dtype=np.int64)
-
-    @classmethod
-    def from_cache(cls, cached: CachedImages) -> SplitData:
-        return cls(cached.images, cached.records, tuple(cached.failures))
 
 
 def load_pneumoniamnist(path: str | Path, size: int) -> dict[str, SplitData]:
@@ -86,8 +71,7 @@ def load_splits(config: DataConfig, seed: int) -> dict[str, SplitData]:
         if config.manifest:
             chosen = {k: attach_manifest(v, config.manifest) for k, v in chosen.items()}
         splits = {
-            name: SplitData.from_cache(cached_images(recs, config.image_size, config.cache_dir,
-                                                     desc=f"decoding {name}"))
+            name: cached_images(recs, config.image_size, config.cache_dir, desc=f"decoding {name}")
             for name, recs in chosen.items() if recs
         }
     for name, split in splits.items():

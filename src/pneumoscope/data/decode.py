@@ -1,8 +1,11 @@
 """The one place where image files become pixel arrays.
 
-Training, evaluation, prediction and serving all decode through :func:`load_grayscale`, so a
-model never sees pixels that went through a different path than the ones it was trained on
-(see ../shared/data/README.md: a model learned the preprocessing history instead of the lungs).
+Training, evaluation, prediction and serving all decode through :func:`decode_image` (or its
+shorthand :func:`load_grayscale`), so a model never sees pixels that went through a different
+path than the ones it was trained on (see ../shared/data/README.md: a model learned the
+preprocessing history instead of the lungs). :func:`decode_image` also keeps the few facts
+about the source that the grey pixels lose and the input gate (:mod:`pneumoscope.guard`)
+needs: its size, how coloured it was, and its DICOM tags.
 
 The format is decided by content, never by the file name: DICOM by its ``DICM`` magic at byte
 128 (read with pydicom, the ``dicom`` extra), everything else by Pillow.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,6 +37,33 @@ DICOM_INSTALL_HINT = "pip install 'pneumoscope[dicom]'"
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
 _MIN_SIDE = 8
+
+DICOM_GATE_TAGS: tuple[str, ...] = (
+    "Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation")
+"""DICOM attributes kept in :attr:`DecodedImage.dicom` (what the input gate checks)."""
+
+SPREAD_SIDE = 256
+"""Channel spread is measured on a nearest-neighbour copy at most this many pixels a side: a
+sample of the pixels, so a 50-megapixel photo costs no more than a thumbnail."""
+
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image: the grey pixels every model sees, plus what grey conversion loses."""
+
+    gray: np.ndarray
+    """2-D ``uint8`` grayscale pixels (the output of :func:`load_grayscale`)."""
+    width: int
+    """Width of the source as displayed (after EXIF orientation), in pixels."""
+    height: int
+    channel_spread: float
+    """How coloured the source is: the 99th percentile over pixels of (max channel − min
+    channel), 0–255 units. 0 for grey modes and DICOM; grey stored as RGB gives about 0 (plus
+    JPEG chroma noise)."""
+    dicom: dict[str, str] | None = None
+    """The :data:`DICOM_GATE_TAGS` present in a DICOM file (upper-case strings); None otherwise."""
 
 
 class ImageDecodeError(ValueError):
@@ -90,7 +121,7 @@ def _voi_output_range(ds: Any, apply_voi_lut: Any) -> tuple[float, float] | None
     return None
 
 
-def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> np.ndarray:
+def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> DecodedImage:
     """Decode a single-frame grayscale DICOM: Modality LUT (rescale), VOI LUT (window),
     MONOCHROME1 inverted, scaled to uint8 over the windowed range."""
     pydicom = _import_pydicom(name)
@@ -140,35 +171,54 @@ def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> np.ndarray:
     else:
         gray = np.round(np.clip((arr - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
     # MONOCHROME1: the lowest value is white; every other decoder path gives dark = low.
-    return 255 - gray if photometric == "MONOCHROME1" else gray
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    tags = {tag: str(ds.get(tag)).strip().upper() for tag in DICOM_GATE_TAGS
+            if ds.get(tag) not in (None, "")}
+    return DecodedImage(gray, gray.shape[1], gray.shape[0], 0.0, tags)
 
 
-def _to_uint8_gray(img: Image.Image) -> np.ndarray:
-    """Convert any Pillow mode (L, RGB, RGBA, P, I;16, I, F) to an 8-bit grayscale array."""
+def _channel_spread(img: Image.Image) -> float:
+    """:attr:`DecodedImage.channel_spread` of an (alpha-composited) Pillow image."""
+    if img.mode in _GREY_MODES:
+        return 0.0
+    step = max(1, -(-max(img.size) // SPREAD_SIDE))  # ceil: the copy is at most SPREAD_SIDE
+    small = img.resize((max(1, img.width // step), max(1, img.height // step)),
+                       Image.Resampling.NEAREST) if step > 1 else img
+    rgb = np.asarray(small.convert("RGB"), dtype=np.int16)
+    return float(np.percentile(rgb.max(axis=2) - rgb.min(axis=2), 99))
+
+
+def _to_uint8_gray(img: Image.Image) -> tuple[np.ndarray, float]:
+    """Convert any Pillow mode (L, RGB, RGBA, P, I;16, I, F) to an 8-bit grayscale array;
+    returns it with the source's :func:`_channel_spread`."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit / float PNGs: scale the full range to 0..255 rather than clipping at 255.
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         if hi <= lo:
-            return np.zeros(arr.shape, dtype=np.uint8)
-        return np.round((arr - lo) / (hi - lo) * 255.0).astype(np.uint8)
+            return np.zeros(arr.shape, dtype=np.uint8), 0.0
+        return np.round((arr - lo) / (hi - lo) * 255.0).astype(np.uint8), 0.0
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on black: X-ray backgrounds are dark.
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    return np.asarray(img.convert("L"), dtype=np.uint8)
+    return np.asarray(img.convert("L"), dtype=np.uint8), _channel_spread(img)
 
 
-def load_grayscale(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode a JPEG/PNG/DICOM file (path or raw bytes) into a 2-D ``uint8`` grayscale array.
+def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
+                 name: str | None = None) -> DecodedImage:
+    """Decode a JPEG/PNG/DICOM file (path or raw bytes) into a :class:`DecodedImage`.
 
     The format is detected from the content, not the file name. EXIF orientation is applied;
     DICOM goes through its Modality and VOI LUTs (see :func:`_load_dicom`). Raises
-    :class:`ImageDecodeError` for anything that is not a readable image, or that has more
-    than ``max_pixels`` pixels.
+    :class:`ImageDecodeError`, whose message starts with ``name`` (default: the path, or
+    ``<bytes>``), for anything that is not a readable image, or that has more than
+    ``max_pixels`` pixels.
     """
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if name is None:
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
     except OSError as exc:
@@ -192,13 +242,20 @@ def load_grayscale(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) 
             try:
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                return _to_uint8_gray(img)
+                gray, spread = _to_uint8_gray(img)
             except (OSError, SyntaxError, ValueError) as exc:
                 raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from exc
     except ImageDecodeError:
         raise
     except Exception as exc:  # any other decoder failure is still the file's fault
         raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return DecodedImage(gray, gray.shape[1], gray.shape[0], spread)
+
+
+def load_grayscale(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a JPEG/PNG/DICOM file (path or raw bytes) into a 2-D ``uint8`` grayscale array:
+    :func:`decode_image`'s pixels (same output, same errors)."""
+    return decode_image(source, max_pixels=max_pixels).gray
 
 
 def resize_square(gray: np.ndarray, size: int) -> np.ndarray:

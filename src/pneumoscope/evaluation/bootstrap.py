@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy.stats import rankdata
 
 from pneumoscope.evaluation.metrics import (
     METRIC_NAMES,
@@ -202,13 +203,7 @@ def paired_bootstrap(
 
 def _midranks(x: NDArray) -> NDArray:
     """1-based ranks of ``x`` with ties given their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], xs.shape[0]]
-    ranks = np.empty(x.shape[0])
-    ranks[order] = np.repeat(0.5 * (starts + ends - 1) + 1.0, ends - starts)
-    return ranks
+    return rankdata(x, method="average")
 
 
 def _delong_components(pos: NDArray, neg: NDArray) -> tuple[float, NDArray, NDArray]:

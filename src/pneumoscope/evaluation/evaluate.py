@@ -6,10 +6,7 @@ not needed, so any metric can be recomputed later from the saved predictions CSV
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,24 +14,20 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscope.data.records import ImageRecord
+from pneumoscope.data.cache import cached_images
+from pneumoscope.data.datasets import load_pneumoniamnist
+from pneumoscope.data.records import ImageRecord, attach_manifest, load_folder
 from pneumoscope.evaluation.bootstrap import bootstrap_ci
+from pneumoscope.evaluation.inference import predict_proba
 from pneumoscope.evaluation.metrics import METRIC_NAMES, binary_metrics, confusion_counts
+from pneumoscope.evaluation.selective import risk_at_coverage, risk_coverage, selection_score
+from pneumoscope.evaluation.stress import stress_probabilities, stress_report
+from pneumoscope.guard.model_file import assess_records, gate_report, load_gate
+from pneumoscope.jsonio import json_safe, write_json
+from pneumoscope.models.checkpoint import load_checkpoint
+from pneumoscope.runs import EvalLayout, write_gate_csv, write_predictions
 
 log = logging.getLogger(__name__)
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN → None, numpy scalars → Python."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float,
@@ -94,63 +87,29 @@ def evaluate_predictions(
             if not any(values):
                 log.warning("no record has a %r column: was the manifest given?", group_by)
             report["by_group"] = {group_by: _breakdown(labels, probs, threshold, values)}
-    return _clean(report)
-
-
-def write_predictions(path: str | Path, records: Sequence[ImageRecord], probs: np.ndarray,
-                      threshold: float) -> Path:
-    """One row per image: enough to recompute any metric later."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "file", "patient_id", "subtype", "label", "prob_pneumonia",
-                         "predicted", "threshold"])
-        for r, p in zip(records, probs, strict=True):
-            writer.writerow([r.path, r.file, r.patient_id, r.subtype, r.label, f"{p:.6f}",
-                             int(p >= threshold), f"{threshold:.6f}"])
-    return path
-
-
-def read_predictions(path: str | Path) -> tuple[list[ImageRecord], np.ndarray]:
-    """Inverse of :func:`write_predictions` (records and probabilities)."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    records = [ImageRecord(r["path"], int(r["label"]), "", r["patient_id"], r["subtype"])
-               for r in rows]
-    return records, np.array([float(r["prob_pneumonia"]) for r in rows])
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(data), indent=2) + "\n")
-    return path
+    return json_safe(report)
 
 
 def evaluate_checkpoint(
     checkpoint: str | Path, data: str | Path, out_dir: str | Path, *, split: str | None = None,
     manifest: str | Path | None = None, group_by: str | None = None, n_bootstrap: int = 1000,
     seed: int = 0, cache_dir: str | Path | None = None, batch_size: int = 64,
-    stress: bool = False,
+    stress: bool = False, gate: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a saved model on a data folder (the official test split, or any other
     NORMAL/PNEUMONIA tree such as an external site) at the threshold stored in the checkpoint.
 
     ``stress`` also scores the images under each acquisition stress test
     (:mod:`pneumoscope.evaluation.stress`) at the same threshold (``stress`` in the report).
+    ``gate``: run the model file's input gate on every film (``gate`` in the report: verdict
+    counts, reasons and the accuracy of accepted vs flagged films; per film in ``gate.csv``).
+    ``selective`` in the report is the risk-coverage of the calls ranked by the margin from
+    the threshold combined with the gate's score (:mod:`pneumoscope.evaluation.selective`).
     Writes ``metrics.json`` and ``predictions.csv`` into ``out_dir`` and returns the report.
     """
-    from pneumoscope.data.cache import cached_images
-    from pneumoscope.data.records import attach_manifest, load_folder
-    from pneumoscope.evaluation.inference import predict_proba
-    from pneumoscope.models.checkpoint import load_checkpoint
-
     model, info = load_checkpoint(checkpoint)
     size = info.preprocessing.image_size
     if Path(data).suffix == ".npz":
-        from pneumoscope.data.datasets import load_pneumoniamnist
-
         split = split or "test"
         found_npz = load_pneumoniamnist(data, size)
         if split not in found_npz:
@@ -178,11 +137,28 @@ def evaluate_checkpoint(
               "split": split, "unreadable_skipped": [list(f) for f in decoded.failures],
               **report}
     if stress:
-        from pneumoscope.evaluation.stress import stress_probabilities, stress_report
-
         stressed = stress_probabilities(model, np.asarray(decoded.images))
         report["stress"] = stress_report(labels, {"clean": probs, **stressed}, info.threshold)
-    out_dir = Path(out_dir)
-    write_json(out_dir / "metrics.json", report)
-    write_predictions(out_dir / "predictions.csv", decoded.records, probs, info.threshold)
+    layout = EvalLayout(Path(out_dir))
+    gatekeeper = load_gate(checkpoint, info, enabled=gate)
+    scores = None
+    if gatekeeper.enabled:
+        verdicts = assess_records(gatekeeper, [r.path for r in decoded.records], np.asarray(decoded.images))
+        report["gate"] = {"state": gatekeeper.state,
+                          **gate_report(verdicts, labels, probs, info.threshold)}
+        write_gate_csv(layout.gate, decoded.records, verdicts)
+        if gatekeeper.fitted:
+            scores = np.array([v.ood_score for v in verdicts], dtype=np.float64)
+    else:
+        report["gate"] = {"state": "disabled"}
+    if len(set(labels.tolist())) == 2:
+        curve = risk_coverage(labels, probs, info.threshold, selection_score(probs, info.threshold, scores))
+        report["selective"] = {
+            "confidence": "margin from the threshold" + (" and gate score (the weaker rank)"
+                                                         if scores is not None else ""),
+            "aurc": curve["aurc"], "aurc_optimal": curve["aurc_optimal"], "risk_full": curve["risk_full"],
+            "at_coverage": risk_at_coverage(labels, probs, info.threshold,
+                                            confidence=selection_score(probs, info.threshold, scores))}
+    write_predictions(layout.predictions, decoded.records, probs, info.threshold)
+    write_json(layout.metrics, report)
     return report

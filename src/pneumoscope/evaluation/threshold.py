@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -18,6 +20,54 @@ THRESHOLD_METHODS: tuple[str, ...] = ("youden", "target_sensitivity")
 
 DEFAULT_THRESHOLD: float = 0.5
 """Returned when a threshold cannot be chosen (one class only)."""
+
+THRESHOLD_DESCRIPTIONS: dict[str, str] = {
+    "youden": "Youden's J (sensitivity + specificity − 1) maximised on the validation split",
+    "target_sensitivity": "the highest threshold reaching the target sensitivity on the validation split",
+    "default-0.5": "the default 0.5 (no validation-based choice)",
+}
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How a run's operating threshold was chosen (a typed value, not a string to parse)."""
+
+    method: str = "youden"
+    target_sensitivity: float | None = None
+    pooled_with_stress: bool = False
+    """Chosen on validation pooled with its stress-tested copies (``eval.threshold_on``)."""
+    at_site: bool = False
+    """Chosen on a site's own labelled films (``pneumoscope calibrate``), not on validation."""
+
+    @property
+    def label(self) -> str:
+        """Short form kept in ``metrics.json`` and checkpoints: ``target_sensitivity=0.9@val+stress``."""
+        text = self.method + (f"={self.target_sensitivity}" if self.target_sensitivity else "")
+        return text + ("@val+stress" if self.pooled_with_stress else "@site" if self.at_site else "")
+
+    def describe(self) -> str:
+        """One sentence for reports and model cards."""
+        text = THRESHOLD_DESCRIPTIONS.get(self.method, self.method)
+        if self.method == "target_sensitivity" and self.target_sensitivity:
+            text += f" (target {self.target_sensitivity:g})"
+        if self.at_site:
+            text = text.replace("on the validation split", "on the site's own labelled films "
+                                "(pneumoscope calibrate)")
+        if self.pooled_with_stress:
+            text = text.replace("on the validation split", "on the validation split pooled with its "
+                                "stress-tested copies (changed exposure, blur, noise, compression)")
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "target_sensitivity": self.target_sensitivity,
+                "pooled_with_stress": self.pooled_with_stress, "at_site": self.at_site}
+
+    @classmethod
+    def from_label(cls, text: str) -> ThresholdRule:
+        """Read the short form (files written before the rule was stored as a mapping)."""
+        method, _, pool = (text or "youden").partition("@")
+        method, _, target = method.partition("=")
+        return cls(method, float(target) if target else None, pool == "val+stress", pool == "site")
 
 
 def choose_threshold(

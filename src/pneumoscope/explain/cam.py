@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import logging
 import threading
-import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,10 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from pneumoscope import CLASS_NAMES
 from pneumoscope.data.datasets import to_model_input
-from pneumoscope.data.decode import IMAGE_SUFFIXES, load_grayscale, resize_square
+from pneumoscope.data.decode import load_grayscale, resize_square
+from pneumoscope.data.inputs import collect_inputs
 from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint
 from pneumoscope.models.factory import XrayClassifier
 from pneumoscope.models.registry import ModelSpec, get_spec, list_specs
@@ -53,14 +53,6 @@ except ImportError as exc:  # an optional extra: say how to get it
 
 log = logging.getLogger(__name__)
 
-# ScoreCAM and AblationCAM draw a tqdm bar per image from inside the library; explain_files draws
-# one bar for all files, and a web service wants none. Their module-level `tqdm` is swapped for
-# a silent one (once, at import).
-for _mod in ("score_cam", "ablation_cam"):
-    _module = importlib.import_module(f"pytorch_grad_cam.{_mod}")
-    if hasattr(getattr(_module, "tqdm", None), "tqdm"):
-        _module.tqdm = types.SimpleNamespace(tqdm=functools.partial(_module.tqdm.tqdm, disable=True))
-
 CAM_METHODS: dict[str, type[BaseCAM]] = {
     "gradcam": _pgc.GradCAM,
     "gradcam++": _pgc.GradCAMPlusPlus,
@@ -73,7 +65,8 @@ CAM_METHODS: dict[str, type[BaseCAM]] = {
     "ablationcam": _pgc.AblationCAM,
 }
 """Method name (command line, API) → pytorch-grad-cam class. ``scorecam`` and ``ablationcam``
-run one forward pass per channel of the CAM layer (512-2048 passes): minutes per image on CPU."""
+run one forward pass per channel of the CAM layer (512-2048 passes): minutes per image on CPU,
+and the library draws its own progress bar for each image (it has no option to turn it off)."""
 
 GRADIENT_FREE: frozenset[str] = frozenset({"eigencam", "scorecam", "ablationcam"})
 """Methods that need no backward pass."""
@@ -228,6 +221,19 @@ def _cams(cam: BaseCAM, x: torch.Tensor, method: str) -> tuple[np.ndarray, np.nd
     return heat, logits
 
 
+def heatmaps(model: XrayClassifier, info_or_spec_name: CheckpointInfo | ModelSpec | str | None,
+             images: np.ndarray, method: str = "gradcam", batch_size: int = 16) -> np.ndarray:
+    """Heatmaps (N, S, S) float32 in [0, 1] of uint8 images (N, S, S) already at the model's
+    size, in batches: what :func:`explain` computes one image at a time, much faster on a CPU."""
+    method = _check_method(method)
+    spec = resolve_spec(model, info_or_spec_name)
+    size = model.preprocessing.image_size
+    x_all = to_model_input(np.asarray(images)).to(next(model.parameters()).device)
+    with cam_session(model, spec, method, (size, size)) as cam:
+        return np.concatenate([_cams(cam, x_all[i:i + batch_size], method)[0]
+                               for i in range(0, len(x_all), batch_size)])
+
+
 def _as_input(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (H, W) (any size: resized like every other path) or float (1, 1, S, S) in [0, 1]."""
     if isinstance(image, torch.Tensor):
@@ -332,18 +338,6 @@ def explanation_title(expl: Explanation) -> str:
 # --- many files ------------------------------------------------------------------------------
 
 
-def collect_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for images (sorted). Missing paths are kept,
-    so that they are reported as failures, not silently dropped."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            out.append(p)
-    return out
-
-
 def _unique_stem(path: Path, used: set[str]) -> str:
     # Kermany reuses file names across splits and classes: never overwrite an earlier output.
     stem, i = path.stem, 2
@@ -362,14 +356,12 @@ def explain_files(checkpoint: str | Path, paths: Iterable[str | Path], out_dir: 
     ``{"png", "npy"}``) and ``error`` (``None``, or why the file was skipped: a bad file is
     logged and skipped, not fatal).
     """
-    from tqdm.auto import tqdm
-
     methods = [_check_method(m) for m in methods]
     model, info = load_checkpoint(checkpoint)
     size = info.preprocessing.image_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = collect_images(paths)
+    files = collect_inputs(list(paths))
     used: set[str] = set()
     results: list[dict[str, Any]] = []
     for path in tqdm(files, desc="explain", unit="img", disable=not progress):
@@ -435,9 +427,8 @@ def faithfulness(model: XrayClassifier, images: np.ndarray, method: str = "gradc
     rng = np.random.default_rng(seed)
     most: dict[int, list[float]] = {int(p): [] for p in percentiles}
     least: dict[int, list[float]] = {int(p): [] for p in percentiles}
-    with cam_session(model, spec_, method, (size, size)) as cam:
-        heat = np.concatenate([_cams(cam, x_all[i:i + batch_size], method)[0]
-                               for i in range(0, len(x_all), batch_size)])
+    heat = heatmaps(model, spec_, np.stack([resize_square(im, size) for im in images]), method,
+                    batch_size)
     ranks = np.stack([_rank_map(h, rng) for h in heat])
     targets = [ClassifierOutputTarget(0) for _ in range(len(x_all))]
     was_training = [(m, m.training) for m in model.modules()]
@@ -468,6 +459,18 @@ def faithfulness(model: XrayClassifier, images: np.ndarray, method: str = "gradc
             "percentiles": [int(p) for p in percentiles],
             "most_relevant_removed": mean_most, "least_relevant_removed": mean_least,
             "gap": gap, "faithful": bool(np.mean(list(gap.values())) > 0)}
+
+
+def faithfulness_of_files(checkpoint: str | Path, paths: Sequence[str | Path],
+                          methods: Sequence[str] = ("gradcam",)) -> list[dict[str, Any]]:
+    """:func:`faithfulness` of each method over image files, decoded and resized as every other
+    path does; an empty list when there are no files."""
+    model, info = load_checkpoint(checkpoint)
+    size = info.preprocessing.image_size
+    images = [resize_square(load_grayscale(p), size) for p in paths]
+    if not images:
+        return []
+    return [faithfulness(model, np.stack(images), m, spec=info) for m in methods]
 
 
 def format_faithfulness(rows: Sequence[dict[str, Any]]) -> str:

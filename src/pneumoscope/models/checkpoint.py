@@ -4,6 +4,10 @@ A PneumoScope checkpoint is one ``.safetensors`` file (no pickle, so loading can
 whose metadata holds the model name, class names, preprocessing, the decision threshold chosen
 on validation, the config and the metrics. Evaluate, predict, explain, export and serve need
 only this file.
+
+Steps applied after training (``pneumoscope.site``: calibrate, adapt) write a new file whose
+``provenance`` lists each step, and whose ``temperature`` (logit scale, 1.0 = none) is set on
+the model when it is loaded. Files written before these fields existed load with the defaults.
 """
 
 from __future__ import annotations
@@ -41,11 +45,23 @@ class CheckpointInfo:
     config: dict[str, Any] = field(default_factory=dict)
     version: str = __version__
     created: str = ""
+    temperature: float = 1.0
+    """Logits are divided by this before the sigmoid (temperature scaling; 1.0 = none)."""
+    provenance: tuple[dict[str, Any], ...] = ()
+    """Steps applied after training, oldest first (``pneumoscope.site``): each a JSON-able
+    mapping with at least ``step`` and ``date``."""
+    abstain_band: tuple[float, float] | None = None
+    """``(low, high)`` around the threshold: probabilities in ``[low, high)`` are labelled
+    uncertain (chosen on a site's films by ``pneumoscope calibrate --abstain-...``)."""
+    gate: dict[str, Any] | None = None
+    """The input gate's metadata (:mod:`pneumoscope.guard`), its tensors stored under
+    ``gate.`` in the same file; ``None``: no gate fitted (files from before the gate)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["preprocessing"] = self.preprocessing.to_dict()
         d["class_names"] = list(self.class_names)
+        d["provenance"] = [dict(step) for step in self.provenance]
         return {"format": FORMAT, **d}
 
     @classmethod
@@ -55,16 +71,42 @@ class CheckpointInfo:
         fields = {k: v for k, v in d.items() if k != "format"}
         fields["preprocessing"] = Preprocessing.from_dict(fields["preprocessing"])
         fields["class_names"] = tuple(fields.get("class_names", CLASS_NAMES))
+        fields["temperature"] = float(fields.get("temperature", 1.0))
+        fields["provenance"] = tuple(dict(step) for step in fields.get("provenance", ()))
+        band = fields.get("abstain_band")
+        if band is not None:
+            low, high = (float(v) for v in band)
+            if not 0.0 <= low <= float(fields.get("threshold", 0.5)) <= high <= 1.0:
+                raise ValueError(f"abstain_band {band!r} must satisfy 0 <= low <= threshold <= high <= 1")
+            fields["abstain_band"] = (low, high)
         return cls(**fields)
 
 
-def save_checkpoint(path: str | Path, model: XrayClassifier, info: CheckpointInfo) -> Path:
-    """Write weights and metadata to ``path`` (a ``.safetensors`` file)."""
+EXTRA_PREFIXES: tuple[str, ...] = ("gate.",)
+"""Tensor-name prefixes of the parts of a model file that are not the classifier's weights."""
+
+
+def save_checkpoint(path: str | Path, model: XrayClassifier, info: CheckpointInfo,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write weights and metadata to ``path`` (a ``.safetensors`` file).
+
+    ``info.temperature`` must be the temperature the model applies (it is what loading sets):
+    a mismatch would silently change the saved model's probabilities, so it raises.
+    """
     path = Path(path)
+    applied = float(getattr(model, "temperature", 1.0))
+    if abs(applied - info.temperature) > 1e-6 * max(1.0, abs(info.temperature)):
+        raise ValueError(f"model applies temperature {applied:g} but info.temperature is "
+                         f"{info.temperature:g}: set both (model.set_temperature / "
+                         "dataclasses.replace(info, temperature=...))")
     path.parent.mkdir(parents=True, exist_ok=True)
     if not info.created:
         info = replace(info, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for key, value in (extra_tensors or {}).items():
+        if not key.startswith(EXTRA_PREFIXES) or key in tensors:
+            raise ValueError(f"extra tensor {key!r} must start with one of {EXTRA_PREFIXES}")
+        tensors[key] = value.detach().cpu().contiguous()
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(info.to_dict())})
     tmp.replace(path)
@@ -86,6 +128,13 @@ def read_info(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo.from_dict(json.loads(meta[_META_KEY]))
 
 
+def read_extra_tensors(path: str | Path, prefix: str = "gate.") -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` whose names start with ``prefix`` (e.g. the input gate's), so a
+    step that rewrites a model file (calibrate, adapt) can carry them over unchanged."""
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}  # noqa: SIM118
+
+
 def load_checkpoint(
     path: str | Path, *, device: str | torch.device = "cpu", channels_last: bool = False
 ) -> tuple[XrayClassifier, CheckpointInfo]:
@@ -95,5 +144,7 @@ def load_checkpoint(
     info = read_info(path)
     model = rebuild_model(info.model, info.preprocessing, arch_kwargs=info.arch_kwargs,
                           channels_last=channels_last)
-    model.load_state_dict(load_file(str(path)), strict=True)
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(EXTRA_PREFIXES)}
+    model.load_state_dict(state, strict=True)
+    model.set_temperature(info.temperature)
     return model.to(device).eval(), info

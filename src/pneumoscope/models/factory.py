@@ -8,23 +8,21 @@ evaluation, export and serving: it is part of the network and of the checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import os
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import timm
 import torch
 from torch import nn
 
+from pneumoscope.models.pretrained import PACKAGE_WEIGHTS, load_package_weights
 from pneumoscope.models.registry import ModelSpec, get_spec
+from pneumoscope.net import reachable
 
 log = logging.getLogger(__name__)
-
-WEIGHT_CHOICES = ("hub", "package", "none")
-
 
 class WeightsUnavailableError(RuntimeError):
     """Requested pretrained weights could not be obtained; the message says what to do."""
@@ -64,6 +62,10 @@ class XrayClassifier(nn.Module):
         # Not persistent: they are recorded in the checkpoint's metadata instead.
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, -1, 1, 1), False)
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, -1, 1, 1), False)
+        # Temperature scaling (``pneumoscope.site.calibrate``): the logit is divided by T inside
+        # forward, so predict, evaluate, serve and ONNX export all give calibrated
+        # probabilities. Training uses T = 1; the checkpoint's metadata sets it on load.
+        self.register_buffer("temperature", torch.ones(()), False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) in [0, 1] → the backbone's normalised (N, C, H, W) input."""
@@ -73,7 +75,15 @@ class XrayClassifier(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))
+        return self.backbone(self.normalize(x)) / self.temperature
+
+    def set_temperature(self, temperature: float) -> None:
+        """Divide every logit by ``temperature`` (> 0) from now on; 1.0 leaves them unchanged.
+        A positive scale keeps the ranking, the CAMs and the AUC; it changes probabilities."""
+        t = float(temperature)
+        if not (t > 0.0 and math.isfinite(t)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.temperature.fill_(t)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.get_classifier().parameters())
@@ -90,12 +100,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     huggingface_hub's minute of retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)[0]
 
 
 def _cached_hub_file(timm_name: str) -> str | None:
@@ -214,8 +219,6 @@ def build_model(
         if spec.package_weights is None:
             raise WeightsUnavailableError(
                 f"model '{name}' has no offline package weights. " + _hub_hint(spec))
-        from pneumoscope.models.pretrained import PACKAGE_WEIGHTS, load_package_weights
-
         source = PACKAGE_WEIGHTS[spec.package_weights]
         # The source network's BatchNorm eps and TF "SAME" padding are not in its state dict:
         # build them in, and record them so a checkpoint rebuilds the same network.

@@ -8,10 +8,7 @@ timm's pretrained config (they are never retyped here); see :func:`preprocessing
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
-
-DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,6 @@ class ModelSpec:
     """Train with bf16 autocast on CPUs with native bf16 (``train.precision=auto``): set where
     it was measured faster (``benchmarks/speed.py``, levers section); depthwise-convolution
     nets such as EfficientNet run slower in bf16 on CPU, so it is per architecture."""
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

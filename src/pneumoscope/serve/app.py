@@ -28,7 +28,6 @@ import hashlib
 import importlib.util
 import io
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -40,8 +39,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pneumoscope import __version__
-from pneumoscope.data.decode import MAX_PIXELS, ImageDecodeError, load_grayscale
-from pneumoscope.serve.predict import Backend, Predictor
+from pneumoscope.data.decode import MAX_PIXELS, ImageDecodeError, decode_image
+from pneumoscope.guard.gate import describe_reason
+from pneumoscope.jsonio import json_safe
+from pneumoscope.notice import INTENDED_USE, LIMITATIONS
+from pneumoscope.serve.predict import Backend, Predictor, is_onnx_file
 from pneumoscope.serve.upload import SUPPORTED_TYPES, Upload, UploadError, read_multipart, sniff_type
 
 SERVE_INSTALL_HINT = "pip install 'pneumoscope[serve]'"
@@ -68,24 +70,6 @@ SERVICE_CAM_METHODS: tuple[str, ...] = (
     "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "eigengradcam")
 """CAM methods the service offers. ScoreCAM and AblationCAM run hundreds of forward passes per
 image (minutes on a CPU): one request could occupy the service, so they are CLI-only."""
-
-INTENDED_USE = (
-    "Research and teaching: to study how transfer-learned image classifiers behave on chest "
-    "X-rays (frontal, pediatric). Not for diagnosis, triage or any clinical decision.")
-LIMITATIONS = (
-    "Research use only. Not a medical device; not cleared or approved for clinical use.",
-    "PneumoScope's reference data are public pediatric chest films (ages 1-5) from a single "
-    "centre (Guangzhou Women and Children's Medical Center); a model trained on them is untested "
-    "on adults, other hospitals, other scanners or other views: re-validate on the target "
-    "population (pneumoscope evaluate).",
-    "Two classes only (NORMAL vs PNEUMONIA): other findings (effusion, tuberculosis, COVID-19, "
-    "devices, tumours) are not recognised and may be labelled either way.",
-    "The threshold was chosen on the validation split; in the reference data ~74% of the images "
-    "show pneumonia, far above most clinical settings, so positive predictive values will be lower "
-    "in practice.",
-    "Heatmaps show where the evidence for the pneumonia output lies, scaled per image; they are "
-    "not a segmentation of lesions and are not comparable between images.",
-)
 
 _STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                  "style.css": "text/css; charset=utf-8"}
@@ -117,17 +101,6 @@ _PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _finite(obj: Any) -> Any:
-    """JSON cannot hold NaN/inf (metrics with an undefined value have them): → null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _sha256(path: Path) -> str:
@@ -179,7 +152,7 @@ class _Explainer:
 
 
 def _load_explainer(path: Path) -> _Explainer:
-    if path.suffix.lower() == ".onnx":
+    if is_onnx_file(path):
         return _Explainer(reason="explanations need the PyTorch checkpoint (.safetensors); this "
                           "service was started with an ONNX file (serve the .safetensors with "
                           "--backend onnx to get ONNX predictions and explanations)")
@@ -240,14 +213,11 @@ class _Service:
         return upload.file, upload
 
     def decode(self, data: bytes) -> np.ndarray:
-        try:
-            return load_grayscale(data, max_pixels=self.max_pixels)
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(str(exc).replace("<bytes>", "upload", 1)) from exc
+        return decode_image(data, max_pixels=self.max_pixels, name="upload").gray
 
     def model_card(self) -> dict[str, Any]:
         info = self.info
-        return _finite({
+        return json_safe({
             "name": info.model, "architecture": info.timm_name or info.model,
             "classes": list(info.class_names), "positive_class": info.class_names[-1],
             "threshold": info.threshold, "threshold_method": info.threshold_method,
@@ -260,16 +230,40 @@ class _Service:
             "limits": {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
                        "accepted_types": list(SUPPORTED_TYPES) if self.dicom_available
                        else [t for t in SUPPORTED_TYPES if t != "DICOM"]},
+            "gate": {"state": self.predictor.gate.state,
+                     "levels": self.predictor.gate.levels.to_dict() if self.predictor.gate.levels else None},
+            "provenance": list(info.provenance), "temperature": info.temperature,
             "intended_use": INTENDED_USE, "limitations": list(LIMITATIONS),
         })
 
     def predict(self, data: bytes) -> dict[str, Any]:
-        row = self.predictor.predict_images([self.decode(data)])
-        prob = float(row[0])
-        return {"probability": prob, "label": self.predictor.label(prob),
-                "threshold": self.predictor.threshold, "model": self.info.model,
-                "version": __version__, "backend": self.predictor.backend,
-                "model_sha256": self.sha256[:16]}
+        """The answer for one upload; ``probability`` and ``label`` are null when the gate refuses
+        the image (not a chest film) and ``gate`` says why."""
+        row = self.predictor.predict_bytes(data, name="upload")
+        if row.error:  # a non-finite probability: an error, never a label
+            raise ImageDecodeError(row.error)
+        reasons = [r for r in (row.gate_reason or "").split(";") if r]
+        message = {"refuse": "Not a chest X-ray: no prediction is given.",
+                   "warn": "This image is unlike the films the model was trained on: the probability "
+                           "is unreliable.",
+                   "off": "The input gate was turned off."}.get(row.gate or "", "")
+        return json_safe({
+            "probability": row.prob_pneumonia, "label": row.label,
+            "threshold": self.predictor.threshold, "model": self.info.model,
+            "gate": {"status": row.gate, "reasons": reasons,
+                     "explanations": [describe_reason(r) for r in reasons],
+                     "ood_score": row.ood_score, "message": message},
+            "version": __version__, "backend": self.predictor.backend,
+            "model_sha256": self.sha256[:16]})
+
+    def refusal(self, data: bytes) -> str | None:
+        """Why the gate refuses ``data`` (None when it does not): explanations are not drawn for
+        images that are not chest films."""
+        row = self.predictor.predict_bytes(data, name="upload")
+        if row.gate != "refuse":
+            return None
+        reasons = [describe_reason(r) for r in (row.gate_reason or "").split(";") if r]
+        return "not a chest X-ray: " + "; ".join(reasons)
 
     def explain(self, data: bytes, method: str, title: bool) -> tuple[Any, bytes]:
         from PIL import Image
@@ -386,6 +380,9 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
                               f"{', '.join(SERVICE_CAM_METHODS)}")
         title = _flag(fields.get("title"), True)
         start = time.perf_counter()
+        refused = await service.run(service.refusal, data)
+        if refused:
+            return _error(422, refused)
         expl, png = await service.run(service.explain, data, method, title)
         return Response(png, media_type="image/png", headers={
             "X-Probability": f"{expl.probability:.6f}", "X-Label": expl.label,

@@ -8,9 +8,9 @@ as training, so a prediction sees the pixels the model was trained on.
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,16 +22,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pneumoscope.data.datasets import to_model_input_numpy
-from pneumoscope.data.decode import (
-    IMAGE_SUFFIXES,
-    MAX_PIXELS,
-    ImageDecodeError,
-    load_grayscale,
-    resize_square,
-)
-from pneumoscope.models.checkpoint import CheckpointInfo
+from pneumoscope.data.decode import MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, resize_square
+from pneumoscope.data.inputs import collect_inputs
+from pneumoscope.evaluation.inference import predict_proba
+from pneumoscope.export import onnx as export
+from pneumoscope.guard.gate import Gate, Verdict
+from pneumoscope.guard.model_file import load_gate
+from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint
+from pneumoscope.runtime import available_cores
 
 log = logging.getLogger(__name__)
+
+UNCERTAIN_LABEL = "UNCERTAIN"
+"""The label inside an abstain band: a film for a reader, not a call."""
 
 Backend = Literal["torch", "onnx"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
@@ -39,7 +42,11 @@ BACKENDS: tuple[str, ...] = ("torch", "onnx")
 
 @dataclass(frozen=True)
 class PredictionRow:
-    """One input's result: a probability and label, or the reason it could not be read."""
+    """One input's result: a probability and label, or the reason it could not be read.
+
+    ``gate``: the input gate's verdict: ``ok``; ``warn`` (unlike the training films: the
+    probability is shown but unreliable); ``refuse`` (not a chest film: no probability, no
+    label); ``off`` (``--no-gate``, recorded so a result file says the gate did not run)."""
 
     path: str
     prob_pneumonia: float | None
@@ -48,53 +55,29 @@ class PredictionRow:
     threshold: float
     model: str
     error: str | None = None
+    gate: str | None = None
+    gate_reason: str | None = None
+    """The gate's reasons, ``;``-separated (e.g. ``colour-image``, ``ood-score-above-warn``)."""
+    ood_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
+def is_onnx_file(path: str | Path) -> bool:
+    """An exported ``.onnx`` model (by its suffix, which ``pneumoscope export`` always writes)."""
+    return Path(path).suffix.lower() == ".onnx"
 
 
-def _images_under(folder: Path) -> list[Path]:
-    # Hidden files are skipped: macOS "._x.png" resource forks are not images.
-    return [p for p in folder.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")]
-
-
-def collect_inputs(patterns: Sequence[str | Path]) -> list[Path]:
-    """Files, folders (searched recursively for image files, ``.dcm`` included) and glob
-    patterns → a sorted list without duplicates. A file named explicitly is taken whatever
-    its suffix (the decoder goes by content). A missing path or a pattern/folder matching
-    nothing raises, naming it."""
-    found: dict[Path, Path] = {}
-
-    def add(path: Path) -> None:
-        found.setdefault(path.resolve(), path)
-
-    for pattern in patterns:
-        text = str(pattern)
-        path = Path(text)
-        if path.is_file():
-            add(path)
-        elif path.is_dir():
-            images = _images_under(path)
-            if not images:
-                raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
-            for p in images:
-                add(p)
-        elif _is_glob(text):
-            matches = [Path(m) for m in glob.glob(text, recursive=True)]
-            files = [m for m in matches if m.is_file()]
-            files += [p for m in matches if m.is_dir() for p in _images_under(m)]
-            if not files:
-                raise ValueError(f"no files match {text}")
-            for p in files:
-                add(p)
-        else:
-            raise FileNotFoundError(f"input not found: {text}")
-    return sorted(found.values(), key=str)
+def resolve_backend(model_path: str | Path, backend: str | None = None) -> Backend:
+    """The backend for a model file: ``backend`` as given, else ``onnx`` for an ``.onnx`` file and
+    ``torch`` for a checkpoint. An unknown name or torch for an ONNX file raises."""
+    chosen = backend or ("onnx" if is_onnx_file(model_path) else "torch")
+    if chosen not in BACKENDS:
+        raise ValueError(f"unknown backend {chosen!r}; choose from {', '.join(BACKENDS)}")
+    if chosen == "torch" and is_onnx_file(model_path):
+        raise ValueError(f"{model_path} is an ONNX file: use the onnx backend (--backend onnx)")
+    return chosen  # type: ignore[return-value]
 
 
 class Predictor:
@@ -115,16 +98,12 @@ class Predictor:
     """Model name, preprocessing, threshold and class names (from the checkpoint or .onnx)."""
 
     def __init__(self, model_path: str | Path, backend: Backend | None = None, *,
-                 max_pixels: int = MAX_PIXELS, threads: int | None = None) -> None:
+                 max_pixels: int = MAX_PIXELS, threads: int | None = None, gate: bool = True) -> None:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        is_onnx = path.suffix.lower() == ".onnx"
-        backend = backend or ("onnx" if is_onnx else "torch")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-        if backend == "torch" and is_onnx:
-            raise ValueError(f"{path} is an ONNX file: use the onnx backend (--backend onnx)")
+        is_onnx = is_onnx_file(path)
+        backend = resolve_backend(path, backend)
         self.path = path
         self.backend: str = backend
         self.max_pixels = max_pixels
@@ -132,26 +111,28 @@ class Predictor:
         self._model: Any = None
         self._session: Any = None
         if backend == "torch":
-            from pneumoscope.models.checkpoint import load_checkpoint
-
             # channels_last: oneDNN's faster NHWC convolutions on CPU (see models.factory).
             self._model, self.info = load_checkpoint(path, channels_last=True)
         else:
-            from pneumoscope.serve import export
-
             if is_onnx:
                 self._session = export.ort_session(path, threads)
                 self.info = export.info_from_metadata(
                     export.session_metadata(self._session, str(path)), str(path))
             else:
-                from pneumoscope.models.checkpoint import load_checkpoint
-
                 model, self.info = load_checkpoint(path)
                 log.info("exporting %s to ONNX in memory for the onnx backend", path)
                 self._session = export.ort_session(
                     export.export_bytes(model, self.info, source=path.name), threads)
-        log.info("loaded %s (%s, %s backend, %d px, threshold %.3f)", path, self.info.model,
-                 self.backend, self.image_size, self.threshold)
+        if is_onnx and gate:
+            # An exported graph holds the classifier only: the learned score needs the checkpoint.
+            log.warning("%s: an ONNX file carries no learned input gate, only the deterministic "
+                        "checks run; serve the .safetensors with --backend onnx for the full gate",
+                        path)
+            self.gate = Gate.unfitted()
+        else:
+            self.gate = load_gate(path, self.info, enabled=gate)
+        log.info("loaded %s (%s, %s backend, %d px, threshold %.3f, gate %s)", path, self.info.model,
+                 self.backend, self.image_size, self.threshold, self.gate.state)
 
     @property
     def image_size(self) -> int:
@@ -162,23 +143,39 @@ class Predictor:
         return self.info.threshold
 
     def label(self, prob: float) -> str:
-        """The class name a probability gets at the model's threshold."""
+        """The class name a probability gets at the model's threshold, or ``UNCERTAIN`` inside
+        the model file's abstain band (where one was chosen on a site's films)."""
+        band = self.info.abstain_band
+        if band is not None and band[0] <= prob < band[1]:
+            return UNCERTAIN_LABEL
         return self.info.class_names[1] if prob >= self.threshold else self.info.class_names[0]
 
-    def _row(self, path: str, prob: float | None, error: str | None = None) -> PredictionRow:
+    def _row(self, path: str, prob: float | None, error: str | None = None,
+             verdict: Verdict | None = None) -> PredictionRow:
+        if prob is not None and not math.isfinite(prob):
+            # prob >= threshold is False for NaN: a broken model would answer NORMAL. Never a label.
+            prob, error = None, f"{path}: the model gave a non-finite probability ({prob})"
+        gate = None if verdict is None else verdict.status if self.gate.enabled else "off"
+        if gate == "refuse":
+            prob = None  # not a chest film: no probability, no label
         return PredictionRow(path=path, prob_pneumonia=prob,
                              label=None if prob is None else self.label(prob),
-                             threshold=self.threshold, model=self.info.model, error=error)
+                             threshold=self.threshold, model=self.info.model, error=error,
+                             gate=gate, gate_reason=";".join(verdict.reasons) if verdict else None,
+                             ood_score=None if verdict is None else verdict.ood_score)
+
+    def _predict_decoded(self, names: Sequence[str], decoded: Sequence[DecodedImage]) -> list[PredictionRow]:
+        """Rows for decoded images: one model batch and one gate pass over the same pixels."""
+        resized = np.stack([resize_square(d.gray, self.image_size) for d in decoded])
+        probs = self._run(resized)
+        verdicts = self.gate.assess(decoded, resized)
+        return [self._row(n, float(p), verdict=v) for n, p, v in zip(names, probs, verdicts, strict=True)]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for uint8 (N, S, S) images already at the model's size."""
         if self._session is not None:
-            from pneumoscope.serve.export import INPUT_NAME, OUTPUT_NAME
-
             x = to_model_input_numpy(batch)
-            return self._session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64)
-        from pneumoscope.evaluation.inference import predict_proba
-
+            return self._session.run([export.OUTPUT_NAME], {export.INPUT_NAME: x})[0].astype(np.float64)
         with self._lock:
             return predict_proba(self._model, batch, batch_size=len(batch))
 
@@ -202,16 +199,12 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "<bytes>") -> PredictionRow:
         """Predict one encoded image (JPEG/PNG/DICOM bytes). Raises
         :class:`~pneumoscope.data.decode.ImageDecodeError` for unreadable data."""
-        try:
-            gray = load_grayscale(data, max_pixels=self.max_pixels)
-        except ImageDecodeError as exc:
-            # The decoder names the source "<bytes>"; a service passes the upload's name.
-            raise ImageDecodeError(str(exc).replace("<bytes>", name, 1)) from exc
-        return self._row(name, float(self.predict_images([gray])[0]))
+        decoded = decode_image(data, max_pixels=self.max_pixels, name=name)
+        return self._predict_decoded([name], [decoded])[0]
 
-    def _decode(self, path: Path) -> np.ndarray | str:
+    def _decode(self, path: Path) -> DecodedImage | str:
         try:
-            return resize_square(load_grayscale(path, max_pixels=self.max_pixels), self.image_size)
+            return decode_image(path, max_pixels=self.max_pixels)
         except ImageDecodeError as exc:
             return str(exc)
 
@@ -221,8 +214,6 @@ class Predictor:
         image, unsupported DICOM, too large) gets a row with ``error`` set; the rest go on."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        from pneumoscope.serve.export import available_cores
-
         rows: list[PredictionRow] = []
         # Decoding (Pillow, pydicom, numpy) releases the GIL for the heavy parts: a few threads
         # keep the model fed; batches bound the memory to batch_size decoded images.
@@ -232,14 +223,15 @@ class Predictor:
                 chunk = [Path(p) for p in paths[start:start + batch_size]]
                 decoded = list(pool.map(self._decode, chunk))
                 good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-                probs = self._run(np.stack([decoded[i] for i in good])) if good else np.empty(0)
-                by_index = dict(zip(good, probs.tolist(), strict=True))
+                done = self._predict_decoded([str(chunk[i]) for i in good],
+                                             [decoded[i] for i in good]) if good else []  # type: ignore[misc]
+                by_index = dict(zip(good, done, strict=True))
                 for i, (path, d) in enumerate(zip(chunk, decoded, strict=True)):
                     if isinstance(d, str):
                         log.warning("%s", d)
                         rows.append(self._row(str(path), None, d))
                     else:
-                        rows.append(self._row(str(path), by_index[i]))
+                        rows.append(by_index[i])
                 bar.update(len(chunk))
         return rows
 
@@ -265,4 +257,4 @@ def write_rows(rows: Sequence[PredictionRow], out: str | Path) -> Path:
     return out
 
 
-__all__ = ["BACKENDS", "PredictionRow", "Predictor", "collect_inputs", "write_rows"]
+__all__ = ["BACKENDS", "PredictionRow", "Predictor", "collect_inputs", "resolve_backend", "write_rows"]

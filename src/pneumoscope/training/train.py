@@ -1,61 +1,47 @@
-"""One training run, start to finish: data → model → Lightning fit → threshold → evaluation.
+"""Fit one model: data → model → Lightning fit → the best validation epoch's weights.
 
-Each run is a folder::
-
-    RUN/config.yaml            resolved config
-    RUN/splits/{train,val,test}.csv
-    RUN/epochs.csv             per-epoch metrics (appended across --resume)
-    RUN/checkpoints/{best,last}.ckpt   Lightning checkpoints (resume with --resume)
-    RUN/model.safetensors      self-describing model (weights + preprocessing + threshold)
-    RUN/metrics.json           validation and test reports with 95% CIs
-    RUN/predictions_{val,test}.csv
+Training only trains. Choosing the threshold, the stress tests, the test evaluation and
+packaging the model file happen afterwards in :mod:`pneumoscope.evaluation.finalize`; the
+whole run (fit, then finalize, tracked in MLflow) is :func:`pneumoscope.pipeline.train`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
-from pneumoscope import __version__
-from pneumoscope.config import RunConfig, save_config
+from pneumoscope.config import RunConfig
 from pneumoscope.data.augment import BatchAugment, augment_config
-from pneumoscope.data.datasets import SplitData, XrayDataModule, class_weights, load_splits
-from pneumoscope.data.records import write_records
-from pneumoscope.evaluation.evaluate import evaluate_predictions, write_json, write_predictions
-from pneumoscope.evaluation.inference import predict_proba
-from pneumoscope.evaluation.stress import stress_probabilities, stress_report
-from pneumoscope.evaluation.threshold import choose_threshold
-from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
-from pneumoscope.models.factory import build_model
+from pneumoscope.data.datasets import SplitData, XrayDataModule, class_weights
+from pneumoscope.models.checkpoint import load_checkpoint
+from pneumoscope.models.factory import XrayClassifier, build_model
 from pneumoscope.models.registry import get_spec
+from pneumoscope.runs import RunLayout
 from pneumoscope.training.module import ClassifierModule
-from pneumoscope.training.tracking import RUN_FILES, Tracker, track_run
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-
 
 @dataclass(frozen=True)
-class RunResult:
-    """Where a finished run put its outputs, and its headline numbers."""
+class FitResult:
+    """The trained network (best validation epoch, on the CPU, eval mode) and how it got there."""
 
-    run_dir: Path
-    checkpoint: Path
-    threshold: float
-    metrics: dict[str, Any]
-    wall_time_s: float
+    model: XrayClassifier
+    best_checkpoint: Path
+    best_val_auc: float
+    epochs_run: int
+    precision: str
+    is_global_zero: bool = True
+    """False on the other DDP ranks: only rank 0 finalizes and writes the run's files."""
 
 
 @functools.cache
@@ -87,151 +73,79 @@ def resolve_precision(precision: str, accelerator: str, model: str | None = None
     return "32-true"
 
 
-def _data_summary(splits: dict[str, SplitData]) -> dict[str, Any]:
-    return {name: {"images": len(s.records), "pneumonia": int(s.labels.sum()),
-                   "patients": len({r.patient_id for r in s.records}),
-                   "unreadable_skipped": len(s.failures)}
-            for name, s in splits.items()}
+def initial_model(config: RunConfig) -> XrayClassifier:
+    """The network a run starts from: ``model.init`` (an existing PneumoScope model file, e.g.
+    to fine-tune at a site: its architecture, preprocessing, source conventions and weights) or
+    a new ``model.name`` with ``model.weights``."""
+    mc, tc = config.model, config.train
+    if mc.init is None:
+        return build_model(mc.name, mc.weights, image_size=config.data.image_size,
+                           drop_rate=mc.drop_rate, channels_last=tc.channels_last)
+    model, info = load_checkpoint(mc.init, channels_last=tc.channels_last)
+    if info.model != mc.name:
+        raise ValueError(f"model.init {mc.init} is a {info.model!r} model, not model.name "
+                         f"{mc.name!r}: leave --model out, or pass --model {info.model}")
+    if info.preprocessing.image_size != config.data.image_size:
+        raise ValueError(f"model.init {mc.init} takes {info.preprocessing.image_size} px images, "
+                         f"not data.image_size {config.data.image_size}")
+    model.set_temperature(1.0)  # the loss needs raw logits; calibrate again after fine-tuning
+    if hasattr(model.backbone, "drop_rate"):  # timm reads it in forward_head
+        model.backbone.drop_rate = mc.drop_rate
+    log.info("starting from %s (%s, threshold %.3f)", mc.init, info.model, info.threshold)
+    return model.train()
 
 
-def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitData] | None = None,
-          progress: bool = True, tracking_parent: Tracker | None = None,
-          callbacks: Sequence[L.Callback] = ()) -> RunResult:
-    """Train, pick the best epoch and the threshold on validation, evaluate on test once.
-
-    ``resume`` continues from ``RUN/checkpoints/last.ckpt``. ``splits`` lets a caller
-    (e.g. ``compare``) decode the data once and share it between models. The run is tracked
-    in MLflow unless ``config.tracking.enabled`` is off; ``tracking_parent`` nests it under
-    ``compare``'s run. ``callbacks`` are extra Lightning callbacks (e.g. a benchmark's timers).
-    """
-    start = time.perf_counter()
-    run_dir = config.run_dir
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if resume and not last.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last}")
-    if not resume and last.is_file():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it "
-                              "or choose another --out/--name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    L.seed_everything(config.train.seed, workers=True, verbose=False)
-    with track_run(config, run_dir, parent=tracking_parent, resume=resume) as tracker:
-        return _fit_and_evaluate(config, tracker, resume=resume, splits=splits, progress=progress,
-                                 start=start, extra_callbacks=callbacks)
-
-
-def _fit_and_evaluate(config: RunConfig, tracker: Tracker, *, resume: bool,
-                      splits: dict[str, SplitData] | None, progress: bool, start: float,
-                      extra_callbacks: Sequence[L.Callback] = ()) -> RunResult:
-    """The body of :func:`train` once the run folder exists."""
-    run_dir = config.run_dir
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if splits is None:
-        splits = load_splits(config.data, config.train.seed)
+def fit(config: RunConfig, splits: dict[str, SplitData], *, resume: bool = False,
+        progress: bool = True, epoch_sink: Callable[[int, dict[str, Any]], None] | None = None,
+        callbacks: Sequence[L.Callback] = ()) -> FitResult:
+    """Train ``config.model`` on ``splits["train"]``, keep the epoch with the best validation
+    AUC. ``resume`` continues from the run folder's ``checkpoints/last.ckpt``; ``epoch_sink``
+    gets every epoch's row of ``epochs.csv`` (a tracker's ``log_epoch``); ``callbacks`` are
+    extra Lightning callbacks (e.g. a benchmark's timers)."""
+    layout = RunLayout(config.run_dir)
     for name in ("train", "val"):
         if name not in splits or not splits[name].records:
             raise ValueError(f"no {name} images: cannot train")
-    (run_dir / "splits").mkdir(exist_ok=True)
-    for name, split in splits.items():
-        write_records(split.records, run_dir / "splits" / f"{name}.csv")
-
     tc = config.train
-    model = build_model(config.model.name, config.model.weights,
-                        image_size=config.data.image_size, drop_rate=config.model.drop_rate,
-                        channels_last=tc.channels_last)
+    model = initial_model(config)
     weights = class_weights(splits["train"].labels) \
         if config.data.class_balance == "loss" else (1.0, 1.0)
-    augment = (BatchAugment(augment_config(config.data.augment_preset, config.data.hflip))
-               if config.data.augment else None)
-    module = ClassifierModule(model, tc, weights, augment, epoch_log=run_dir / "epochs.csv",
-                              epoch_sink=tracker.log_epoch)
+    augment = (BatchAugment(augment_config(config.data.augment, config.data.hflip))
+               if config.data.augment != "none" else None)
+    module = ClassifierModule(model, tc, weights, augment, epoch_log=layout.epochs,
+                              epoch_sink=epoch_sink)
     datamodule = XrayDataModule(splits, config.data, seed=tc.seed)
 
-    checkpointing = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+    checkpointing = ModelCheckpoint(dirpath=layout.checkpoints_dir, filename="best",
                                     monitor="val_auc", mode="max", save_last=True,
                                     enable_version_counter=False)
-    callbacks: list[L.Callback] = [
+    all_callbacks: list[L.Callback] = [
         checkpointing, EarlyStopping(monitor="val_auc", mode="max", patience=tc.patience),
-        *extra_callbacks]
+        *callbacks]
     if progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        all_callbacks.append(TQDMProgressBar(refresh_rate=10))
     precision = resolve_precision(tc.precision, tc.accelerator, config.model.name)
     trainer = L.Trainer(
         max_epochs=tc.epochs, accelerator=tc.accelerator, devices=tc.devices,
         strategy=tc.strategy, num_nodes=tc.num_nodes, precision=precision,
         limit_train_batches=tc.limit_train_batches if tc.limit_train_batches <= 1
         else int(tc.limit_train_batches),
-        callbacks=callbacks, logger=False,
+        callbacks=all_callbacks, logger=False,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False,
-        log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=run_dir,
+        log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=layout.root,
     )
     with warnings.catch_warnings():
         # Intended: augmentation lives in the module's on_after_batch_transfer.
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=str(layout.last_checkpoint) if resume else None)
+    best = Path(checkpointing.best_model_path or layout.last_checkpoint)
+    score = float(checkpointing.best_model_score) if checkpointing.best_model_score is not None \
+        else float("nan")
     if not trainer.is_global_zero:
-        # Under DDP only rank 0 selects the threshold, evaluates and writes the model file.
-        return RunResult(run_dir, run_dir / MODEL_FILE, float("nan"), {}, 0.0)
-
-    best = checkpointing.best_model_path or str(last)
+        return FitResult(module.model, best, score, trainer.current_epoch, precision, False)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    model = module.model.cpu().eval()
-    log.info("best checkpoint: %s (val AUC %.4f)", best, float(checkpointing.best_model_score or 0))
-
-    ec = config.eval
-    val = splits["val"]
-    val_probs = predict_proba(model, val.images)
-    stressed = stress_probabilities(model, np.asarray(val.images)) \
-        if ec.stress_test or ec.threshold_on == "val+stress" else {}
-    if ec.threshold_on == "val+stress":
-        # Every stress-tested copy keeps its label: choose on the pooled scores.
-        pool_labels = np.tile(val.labels, len(stressed) + 1)
-        pool_probs = np.concatenate([val_probs, *stressed.values()])
-    else:
-        pool_labels, pool_probs = val.labels, val_probs
-    threshold = choose_threshold(pool_labels, pool_probs, ec.threshold_method,
-                                 target_sensitivity=ec.target_sensitivity)
-    method = ec.threshold_method + (f"={ec.target_sensitivity}" if ec.target_sensitivity else "") \
-        + ("@val+stress" if ec.threshold_on == "val+stress" else "")
-    reports = {"val": evaluate_predictions(val.labels, val_probs, threshold, records=val.records,
-                                           threshold_method=method, n_bootstrap=ec.n_bootstrap,
-                                           seed=ec.bootstrap_seed)}
-    write_predictions(run_dir / "predictions_val.csv", val.records, val_probs, threshold)
-    if "test" in splits and splits["test"].records:
-        test = splits["test"]
-        test_probs = predict_proba(model, test.images, progress=progress)
-        reports["test"] = evaluate_predictions(
-            test.labels, test_probs, threshold, records=test.records, threshold_method=method,
-            n_bootstrap=ec.n_bootstrap, seed=ec.bootstrap_seed, group_by=ec.group_by)
-        write_predictions(run_dir / "predictions_test.csv", test.records, test_probs, threshold)
-
-    wall = time.perf_counter() - start
-    summary = {
-        "model": config.model.name, "weights": config.model.weights, "threshold": threshold,
-        "threshold_method": method, "best_epoch_checkpoint": Path(best).name,
-        "best_val_auc_during_training": float(checkpointing.best_model_score or float("nan")),
-        "epochs_run": trainer.current_epoch, "precision": precision, "wall_time_s": round(wall, 1),
-        "data": _data_summary(splits), "version": __version__, **reports,
-    }
-    if stressed:
-        summary["val_stress"] = stress_report(val.labels, {"clean": val_probs, **stressed}, threshold)
-    write_json(run_dir / "metrics.json", summary)
-    info = CheckpointInfo(
-        model=config.model.name, preprocessing=model.preprocessing, threshold=float(threshold),
-        threshold_method=method, timm_name=model.backbone.pretrained_cfg.get("architecture", ""),
-        arch_kwargs=model.arch_kwargs,
-        metrics={k: v["at_threshold"]["metrics"] for k, v in reports.items()},
-        config=config.to_dict())
-    checkpoint = save_checkpoint(run_dir / MODEL_FILE, model, info)
-    tracker.log_final(summary)
-    tracker.log_artifacts(*(run_dir / name for name in RUN_FILES))
-    log.info("run finished in %.0f s: %s", wall, run_dir)
-    return RunResult(run_dir, checkpoint, float(threshold), summary, wall)
-
-
-def with_overrides(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
-    """A copy of ``config`` with some fields of some sections replaced."""
-    return replace(config, **{name: replace(getattr(config, name), **values)
-                              for name, values in sections.items()})
+    log.info("best checkpoint: %s (val AUC %.4f)", best, score)
+    return FitResult(module.model.cpu().eval(), best, score, trainer.current_epoch, precision)

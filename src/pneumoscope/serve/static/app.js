@@ -96,7 +96,24 @@ function renderMetrics(metrics) {
   box.replaceChildren(table);
 }
 
+function renderGate(gate) {
+  const notice = $("gate-notice");
+  const status = gate ? gate.status : "ok";
+  const shown = status === "refuse" || status === "warn";
+  notice.className = `gate-notice ${status}`;
+  $("gate-message").textContent = shown ? gate.message : "";
+  $("gate-reasons").replaceChildren(...(shown ? gate.explanations : []).map((text) => {
+    const item = document.createElement("li");
+    item.textContent = text;
+    return item;
+  }));
+  show(notice, shown);
+  return status;
+}
+
 function renderPrediction(result) {
+  // Not a chest film: a notice instead of a label, and no probability to show.
+  if (renderGate(result.gate) === "refuse") return false;
   const p = result.probability;
   const positive = p >= result.threshold;
   $("probability").textContent = p.toFixed(3);
@@ -117,6 +134,7 @@ function renderPrediction(result) {
   $("fact-backend").textContent = result.backend;
   $("fact-latency").textContent = `${result.latency_ms.toFixed(0)} ms`;
   show($("outcome"), true);
+  return true;
 }
 
 function applyToggle() {
@@ -150,6 +168,7 @@ async function analyse(file) {
   releaseUrls();
   setError("");
   show($("outcome"), false);
+  renderGate(null);
   $("overlay").removeAttribute("src");
   applyToggle();
   if (state.card && file.size > state.card.limits.max_upload_bytes) {
@@ -168,10 +187,12 @@ async function analyse(file) {
   });
   const prediction = post("/v1/predict", file).then(async (response) => {
     const result = await response.json();
-    if (run !== state.run) return;
-    renderPrediction(result);
+    if (run !== state.run) return false;
+    return renderPrediction(result);
   });
-  const overlay = loadOverlay(file, run);
+  // No heatmap for an image the gate refused: it would explain a label that was not given.
+  const overlay = prediction.then((answered) => (answered ? loadOverlay(file, run) : null),
+    () => null);
   try {
     await Promise.all([preview, prediction]);
     if (run === state.run) setStatus("Done.");

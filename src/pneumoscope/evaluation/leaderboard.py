@@ -7,15 +7,15 @@ can be rebuilt from saved runs without retraining.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pneumoscope.evaluation.bootstrap import delong_test, paired_bootstrap
-from pneumoscope.evaluation.evaluate import read_predictions, write_json
 from pneumoscope.evaluation.metrics import METRIC_NAMES
+from pneumoscope.jsonio import write_json
+from pneumoscope.runs import RunLayout, read_predictions, read_summary
 
 LEADERBOARD_METRICS = ("auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision",
                        "npv", "f1", "balanced_accuracy", "log_loss", "brier", "ece")
@@ -37,17 +37,15 @@ def build_leaderboard(run_dirs: list[Path], *, split: str = "test", n_resamples:
     """
     rows, predictions = [], {}
     for run_dir in run_dirs:
-        summary = json.loads((Path(run_dir) / "metrics.json").read_text())
-        if split not in summary:
-            raise ValueError(f"{run_dir}: no '{split}' results in metrics.json")
-        report = summary[split]["at_threshold"]
-        records, probs = read_predictions(Path(run_dir) / f"predictions_{split}.csv")
-        predictions[summary["model"]] = (records, probs)
+        summary = read_summary(run_dir)
+        report = summary.split(split)
+        saved = read_predictions(RunLayout(Path(run_dir)).predictions(split))
+        predictions[summary.model] = (saved.records, saved.probs)
         rows.append({
-            "model": summary["model"], "run_dir": str(run_dir), "weights": summary.get("weights"),
-            "threshold": summary["threshold"], "val_auc": summary["val"]["at_threshold"]["metrics"]["auc"],
-            "metrics": report["metrics"], "ci95": report["ci95"],
-            "at_0.5": summary[split]["at_0.5"]["metrics"], "wall_time_s": summary.get("wall_time_s"),
+            "model": summary.model, "run_dir": str(run_dir), "weights": summary.weights,
+            "threshold": summary.threshold, "val_auc": summary.val.at_threshold.metrics["auc"],
+            "metrics": report.at_threshold.metrics, "ci95": report.at_threshold.ci95,
+            "at_0.5": report.at_05.metrics, "wall_time_s": summary.wall_time_s,
         })
     if not rows:
         raise ValueError("no runs to compare")

@@ -11,7 +11,6 @@ import importlib
 import io
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,12 @@ import torch
 from torch import nn
 
 from pneumoscope import __version__
+from pneumoscope.data.datasets import to_model_input
+from pneumoscope.data.synthetic import make_phantom
+from pneumoscope.evaluation.inference import predict_proba
 from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint
 from pneumoscope.models.factory import Preprocessing, XrayClassifier
+from pneumoscope.runtime import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +60,6 @@ def _import(module: str) -> Any:
                                   f"{ONNX_INSTALL_HINT}") from exc
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (cgroup/affinity aware where the OS tells)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
 def ort_session(model: str | Path | bytes, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session: intra-op threads = available cores (one image batch uses
     them all), one inter-op thread (the graph is a chain, parallel branches buy nothing)."""
@@ -91,6 +86,9 @@ def onnx_metadata(info: CheckpointInfo, source: str = "") -> dict[str, Any]:
         "preprocessing": info.preprocessing.to_dict(),
         "threshold": info.threshold,
         "threshold_method": info.threshold_method,
+        "temperature": info.temperature,  # already applied inside the graph; for the record
+        "provenance": [dict(step) for step in info.provenance],
+        "abstain_band": list(info.abstain_band) if info.abstain_band else None,
         "class_names": list(info.class_names),
         "version": info.version,
         "exported_with": __version__,
@@ -112,7 +110,10 @@ def info_from_metadata(meta: dict[str, Any], where: str = "") -> CheckpointInfo:
         model=meta["model"], preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
         threshold=float(meta["threshold"]), threshold_method=meta.get("threshold_method", ""),
         class_names=tuple(meta["class_names"]), timm_name=meta.get("timm_name", ""),
-        version=meta.get("version", ""), created=meta.get("created", ""))
+        version=meta.get("version", ""), created=meta.get("created", ""),
+        temperature=float(meta.get("temperature", 1.0)),
+        provenance=tuple(dict(step) for step in meta.get("provenance", ())),
+        abstain_band=tuple(meta["abstain_band"]) if meta.get("abstain_band") else None)
 
 
 def session_metadata(session: Any, where: str = "") -> dict[str, Any]:
@@ -171,8 +172,6 @@ def export_bytes(model: XrayClassifier, info: CheckpointInfo, *, opset: int = 17
 
 def parity_images(size: int, n: int = 4, seed: int = 0) -> np.ndarray:
     """``n`` synthetic phantoms (half with pneumonia) as uint8 (n, size, size)."""
-    from pneumoscope.data.synthetic import make_phantom
-
     rng = np.random.default_rng(seed)
     return np.stack([make_phantom(rng, size=size, pneumonia=i % 2 == 1) for i in range(n)])
 
@@ -180,9 +179,6 @@ def parity_images(size: int, n: int = 4, seed: int = 0) -> np.ndarray:
 def check_parity(model: XrayClassifier, session: Any, n: int = 4) -> float:
     """Max absolute difference between PyTorch and ONNX Runtime probabilities on ``n``
     synthetic images, fed as one batch."""
-    from pneumoscope.data.datasets import to_model_input
-    from pneumoscope.evaluation.inference import predict_proba
-
     images = parity_images(model.preprocessing.image_size, n)
     ref = predict_proba(model, images, batch_size=n)
     got = session.run([OUTPUT_NAME], {INPUT_NAME: to_model_input(images).numpy()})[0]

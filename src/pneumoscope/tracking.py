@@ -14,12 +14,9 @@ training, because then the user asked for it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import shutil
-import socket
 import subprocess
 import time
 import warnings
@@ -32,14 +29,14 @@ from urllib.parse import urlparse
 
 from pneumoscope import __version__
 from pneumoscope.config import RunConfig
+from pneumoscope.net import reachable
+from pneumoscope.runs import RunSummary
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'pneumoscope[tracking]'"
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
-RUN_FILES = ("config.yaml", "epochs.csv", "metrics.json", "model.safetensors",
-             "predictions_val.csv", "predictions_test.csv", "splits")
 # Per-epoch row keys that are not metrics (``epoch`` becomes the step).
 _NOT_METRICS = ("epoch", "time")
 _warned_missing = False
@@ -61,26 +58,30 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in values.items():
         if isinstance(value, Mapping):
             out.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list | tuple):
+            out[f"{prefix}{key}"] = ",".join(map(str, value))
         else:
             out[f"{prefix}{key}"] = value
     return out
 
 
-def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+def final_metrics(summary: RunSummary) -> dict[str, float]:
     """Headline numbers of a finished run: ``threshold``, and per split every metric at the
     chosen threshold with its CI: ``test_auc``, ``test_auc_ci_low``, ``test_auc_ci_high``, ...
     and ``final_val_auc``, ... (the best model on validation; plain ``val_auc`` is the
     per-epoch curve)."""
-    out: dict[str, Any] = {key: summary.get(key) for key in (
-        "threshold", "best_val_auc_during_training", "epochs_run", "wall_time_s")}
-    for split, prefix in (("val", "final_val_"), ("test", "test_")):
-        point = (summary.get(split) or {}).get("at_threshold") or {}
-        for name, value in (point.get("metrics") or {}).items():
+    out: dict[str, Any] = {"threshold": summary.threshold,
+                           "best_val_auc_during_training": summary.best_val_auc_during_training,
+                           "epochs_run": summary.epochs_run, "wall_time_s": summary.wall_time_s}
+    for report, prefix in ((summary.val, "final_val_"), (summary.test, "test_")):
+        if report is None:
+            continue
+        for name, value in report.at_threshold.metrics.items():
             out[f"{prefix}{name}"] = value
-        for name, bounds in (point.get("ci95") or {}).items():
+        for name, bounds in report.at_threshold.ci95.items():
             if bounds:
                 out[f"{prefix}{name}_ci_low"], out[f"{prefix}{name}_ci_high"] = bounds
-    for test, values in (summary.get("val_stress") or {}).items():
+    for test, values in (summary.val_stress or {}).items():
         for name in ("sensitivity", "specificity", "balanced_accuracy"):
             out[f"stress_{test}_{name}"] = values.get(name)
     return {k: float(v) for k, v in out.items() if _is_number(v)}
@@ -115,7 +116,7 @@ class Tracker:
     def log_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> None:
         """One epoch's values (``train_loss``, ``val_auc``, ...), with ``step = epoch``."""
 
-    def log_final(self, summary: Mapping[str, Any]) -> None:
+    def log_final(self, summary: RunSummary) -> None:
         """The run's final metrics with CIs (see :func:`final_metrics`)."""
 
     def log_artifacts(self, *paths: Path) -> None:
@@ -156,7 +157,7 @@ class MlflowTracker(Tracker):
         self._log_metrics({k: v for k, v in metrics.items()
                            if k not in _NOT_METRICS and _is_number(v)}, step=int(epoch))
 
-    def log_final(self, summary: Mapping[str, Any]) -> None:
+    def log_final(self, summary: RunSummary) -> None:
         self._log_metrics(final_metrics(summary), step=0)
 
     def log_artifacts(self, *paths: Path) -> None:
@@ -188,52 +189,12 @@ class MlflowTracker(Tracker):
 
 def _probe(uri: str) -> None:
     """Fail in seconds on an unreachable server; MLflow's own client retries for minutes."""
-    parts = urlparse(uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if urlparse(uri).scheme not in ("http", "https"):
         return
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=5).close()
-    except OSError as exc:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}); start it, or "
-                            "leave out --tracking-uri to use the local store") from None
-
-
-def _seed_store(db: Path) -> None:
-    """Start a new local store as a copy of an empty one cached per MLflow version: MLflow
-    builds a schema by running ~70 alembic migrations (seconds per store); a copy is instant."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from pneumoscope.data.cache import default_cache_dir
-
-    template = default_cache_dir() / "mlflow" / f"empty-store-{mlflow.__version__}.db"
-    try:
-        if not template.is_file():
-            template.parent.mkdir(parents=True, exist_ok=True)
-            partial = template.with_name(f"{template.name}.{os.getpid()}.partial")
-            MlflowClient(tracking_uri=f"sqlite:///{partial.resolve().as_posix()}").search_experiments()
-            os.replace(partial, template)  # atomic: concurrent runs never copy half a file
-        shutil.copyfile(template, db)
-    except Exception as exc:  # MLflow then builds the schema itself
-        log.debug("no MLflow store template (%s)", exc)
-        db.unlink(missing_ok=True)
-
-
-def _forget_cached_stores(uri: str) -> None:
-    """MLflow keeps one store and one database engine per URI for the whole process; ones
-    opened on an earlier file at this path (deleted since, e.g. a rerun in a notebook) would
-    write to the deleted file and leave the new store empty. Private API, hence the guards."""
-    with contextlib.suppress(Exception):
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        engine = SqlAlchemyStore._engine_map.pop(uri, None)
-        if engine is not None:
-            engine.dispose()
-    with contextlib.suppress(Exception):
-        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-
-        _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    ok, why = reachable(uri, timeout=5)
+    if not ok:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({why}); start it, or "
+                            "leave out --tracking-uri to use the local store")
 
 
 def _open_experiment(config: RunConfig, store_root: Path) -> tuple[Any, str] | None:
@@ -267,10 +228,8 @@ def _open_experiment(config: RunConfig, store_root: Path) -> tuple[Any, str] | N
         with warnings.catch_warnings():
             # MLflow's SQLAlchemy store trips SQLAlchemy 2.1 deprecation warnings: not ours to fix.
             warnings.simplefilter("ignore", DeprecationWarning)
-            if not explicit and not (store_root / STORE_FILE).exists():
+            if not explicit:
                 store_root.mkdir(parents=True, exist_ok=True)
-                _seed_store(store_root / STORE_FILE)
-                _forget_cached_stores(uri)
             client = MlflowClient(tracking_uri=uri)
             name = config.tracking.experiment
             experiment = client.get_experiment_by_name(name)
@@ -293,7 +252,8 @@ def _run_tags(config: RunConfig, run_dir: Path, kind: str) -> dict[str, str]:
             "dataset": Path(root).name if root else "kermany-download",
             "weights": config.model.weights, "git_commit": git_commit()}
     if kind == "compare":
-        tags.update(models=config.compare.models, weights=config.compare.weights)
+        tags.update(models=",".join(config.compare.models),
+                    weights=",".join(f"{m}={w}" for m, w in config.compare.weights.items()))
     else:
         tags["model"] = config.model.name
     return {k: v for k, v in tags.items() if v}
@@ -355,7 +315,7 @@ def track_run(config: RunConfig, run_dir: Path, *, parent: Tracker | None = None
     tracker.end("FINISHED")
 
 
-def compare_config(config: RunConfig, models: list[str], weights: Mapping[str, str]) -> RunConfig:
-    """``config`` with the models and weights ``compare`` actually runs, for its params."""
-    return replace(config, compare=replace(config.compare, models=",".join(models),
-                                           weights=",".join(f"{m}={w}" for m, w in weights.items())))
+def study_config(config: RunConfig, sources: Mapping[str, str]) -> RunConfig:
+    """``config`` with the models and weight sources a study actually runs, for its params."""
+    return replace(config, compare=replace(config.compare, models=tuple(sources),
+                                           weights=dict(sources)))

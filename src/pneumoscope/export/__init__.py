@@ -1,0 +1,1 @@
+"""Packaging a trained model for deployment: ONNX (:mod:`pneumoscope.export.onnx`)."""
