@@ -49,6 +49,7 @@ from pneumoscope.data.splits import make_splits
 from pneumoscope.evaluation.stress import STRESS_TESTS, perturb
 from pneumoscope.guard import Verdict, fit_gate
 from pneumoscope.guard.probes import NEAR_OOD, NEAR_OOD_EXPECTED, near_ood
+from pneumoscope.runs import RunLayout
 
 log = logging.getLogger("gate-benchmark")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,10 +70,10 @@ def _splits(args: argparse.Namespace) -> tuple[dict[str, list[ImageRecord]], int
 
         info = read_info(args.checkpoint)
         size = info.preprocessing.image_size
-        run = Path(args.checkpoint).resolve().parent
-        if all((run / "splits" / f"{s}.csv").is_file() for s in ("train", "val", "test")):
-            return ({s: read_records(run / "splits" / f"{s}.csv") for s in ("train", "val", "test")},
-                    size, f"the run's own splits ({run / 'splits'})")
+        run = RunLayout(Path(args.checkpoint).resolve().parent)
+        if all(run.split_file(s).is_file() for s in ("train", "val", "test")):
+            return ({s: read_records(run.split_file(s)) for s in ("train", "val", "test")},
+                    size, f"the run's own splits ({run.splits_dir})")
         log.warning("%s has no splits/ folder: splitting --data with --seed", run)
     else:
         size = args.image_size

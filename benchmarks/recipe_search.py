@@ -59,7 +59,7 @@ from pneumoscope.evaluation.stress import STRESS_TESTS, stress_probabilities, st
 from pneumoscope.evaluation.threshold import choose_threshold
 from pneumoscope.models.checkpoint import load_checkpoint
 from pneumoscope.pipeline import train
-from pneumoscope.runs import read_summary
+from pneumoscope.runs import RunLayout, read_summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COMMON = ["model.name=efficientnet_lite0", "model.weights=package", "data.batch_size=32",
@@ -119,7 +119,7 @@ def candidate_config(name: str, root: str, runs: Path) -> RunConfig:
 
 def ensure_trained(config: RunConfig) -> None:
     """Train the candidate on train/val only; the test split is dropped before training."""
-    if (config.run_dir / "metrics.json").is_file():
+    if RunLayout(config.run_dir).metrics.is_file():
         return
     splits = load_splits(config.data, SEED)
     splits.pop("test", None)
@@ -132,9 +132,9 @@ def balanced_accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float) -
 
 def stress_scores(config: RunConfig) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
     """Validation labels, probabilities per condition (``clean`` + each stress test), threshold."""
-    run_dir = config.run_dir
-    model, info = load_checkpoint(run_dir / "model.safetensors", channels_last=True)
-    records = read_records(run_dir / "splits" / "val.csv")
+    layout = RunLayout(config.run_dir)
+    model, info = load_checkpoint(layout.model, channels_last=True)
+    records = read_records(layout.split_file("val"))
     images = np.asarray(cached_images(records, config.data.image_size).images)
     labels = np.array([r.label for r in records])
     probs = {"clean": predict_proba(model, images), **stress_probabilities(model, images)}

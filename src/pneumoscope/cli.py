@@ -431,6 +431,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.cam_examples < 0 or args.faithfulness_images < 0:
         raise ValueError("--cam-examples and --faithfulness-images must be >= 0")
     paths = build_report(args.run_dir, args.out, cam_examples=args.cam_examples, cams=not args.no_cams,
+                         external=args.external,
                          faithfulness_images=args.faithfulness_images)
     print(f"report: {paths['html']}\nsummary: {paths['md']}")
     return 0
@@ -548,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faithfulness-images", type=int, default=16, metavar="N",
                    help="test images the ROAD faithfulness is averaged over (default 16; 0: none)")
     p.add_argument("--no-cams", action="store_true", help="leave out Grad-CAM and faithfulness (faster)")
+    p.add_argument("--external", action="append", default=[], metavar="DIR",
+                   help="also report the input gate's scores on the images of DIR (repeatable)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("serve", help="web service and page: predict and explain uploaded X-rays",

@@ -24,6 +24,7 @@ pytest.importorskip("pytorch_grad_cam")
 from PIL import Image
 
 from pneumoscope.cli import main
+from pneumoscope.data.synthetic import make_phantom
 from pneumoscope.report.build import pick_examples
 from pneumoscope.report.plots import Scores
 
@@ -124,9 +125,15 @@ def test_report_command_without_cams_and_for_one_run(compare_dir: Path, tmp_path
     assert "--no-cams" in html and "Grad-CAM++ of" not in html
     assert "report.html" in capsys.readouterr().out
     # A single run folder: the leaderboard has one row and no paired comparison.
-    assert main(["report", str(compare_dir / "resnet18"), "--out", str(tmp_path / "b"), "--no-cams"]) == 0
+    external = tmp_path / "other_site"
+    external.mkdir()
+    for i in range(3):
+        Image.fromarray(make_phantom(np.random.default_rng(i), 80)).save(external / f"x{i}.png")
+    assert main(["report", str(compare_dir / "resnet18"), "--out", str(tmp_path / "b"), "--no-cams",
+                 "--external", str(external)]) == 0
     html = (tmp_path / "b" / "report.html").read_text()
     assert "resnet18" in html and "efficientnet_b0" not in html
+    assert "external: other_site" in html  # the gate's scores on another folder
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ import yaml
 from jinja2 import Environment, PackageLoader
 
 from pneumoscope import __version__
+from pneumoscope.data.cache import cached_images
 from pneumoscope.data.decode import load_grayscale, resize_square
 from pneumoscope.data.records import ImageRecord
 from pneumoscope.evaluation.leaderboard import build_leaderboard, leaderboard_markdown
-from pneumoscope.models.checkpoint import load_checkpoint
+from pneumoscope.guard.model_file import load_gate, score_rates
+from pneumoscope.models.checkpoint import load_checkpoint, read_info
 from pneumoscope.notice import LIMITATIONS
 from pneumoscope.report import plots
 from pneumoscope.runs import (
@@ -36,6 +39,7 @@ from pneumoscope.runs import (
     read_summary,
     study_run_dirs,
 )
+from pneumoscope.site.common import find_images
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +206,18 @@ def _config(run: Run) -> dict[str, Any]:
         return {}
 
 
+def _external_gate_row(checkpoint: Path, folder: str | Path) -> dict[str, Any]:
+    """The gate's rates on every image under ``folder`` (decoded at the model's size)."""
+    gate = load_gate(checkpoint)
+    records = find_images(folder)
+    images = cached_images(records, read_info(checkpoint).preprocessing.image_size,
+                           desc=f"decoding {Path(folder).name}").images
+    rates = score_rates(gate, np.asarray(images)) or {}
+    return {"n": rates.get("n", len(records)), "warn": _fmt(rates.get("above_warn")),
+            "refuse": _fmt(rates.get("above_refuse")),
+            "quartiles": " / ".join(f"{q:.0f}" for q in rates.get("score_quartiles", []))}
+
+
 def _b64(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -268,13 +284,16 @@ def _p(comparison: dict[str, Any] | None, key: str) -> str | None:
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, cam_examples: int = 2,
-                 cams: bool = True, faithfulness_images: int = 16) -> dict[str, Path]:
+                 cams: bool = True, faithfulness_images: int = 16,
+                 external: Sequence[str | Path] = ()) -> dict[str, Path]:
     """Write ``report.html`` and ``report.md`` for a compare folder or a run folder into
     ``out_dir`` (default: ``run_dir``); returns ``{"html": path, "md": path}``.
 
     ``cam_examples``: Grad-CAM examples per kind (true/false positives/negatives) and model;
     ``cams=False`` leaves out the Grad-CAM panels and the faithfulness table (no model is loaded);
-    ``faithfulness_images``: test images the ROAD faithfulness is averaged over (0: none).
+    ``faithfulness_images``: test images the ROAD faithfulness is averaged over (0: none);
+    ``external``: image folders (e.g. another hospital's films) whose input-gate scores are
+    reported beside validation and test.
     """
     folder = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else folder
@@ -338,6 +357,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, cam_
                   "refuse": _fmt(rates["above_refuse"]),
                   "quartiles": " / ".join(f"{q:.0f}" for q in rates["score_quartiles"])}
                  for split, rates in g.items() if split not in ("levels", "tolerances") and rates]
+        for other in external:
+            rows_.append({"split": f"external: {Path(other).name}",
+                          **_external_gate_row(RunLayout(r.run_dir).model, other)})
         gates.append({"model": r.name, "color": colors[r.name], "rows": rows_,
                       "levels": f"{g['levels']['warn']:.0f} / {g['levels']['refuse']:.0f}"})
 
