@@ -95,3 +95,48 @@ def test_temperature_must_match_and_be_positive(tmp_path: Path) -> None:
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature must be"):
             model.set_temperature(bad)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("threshold", float("nan"), "threshold must be a finite number"),
+    ("threshold", 2.0, "threshold must be a finite number in"),
+    ("class_names", ["A", "B", "C"], "class_names must be two names"),
+    ("arch_kwargs", {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}, "arch_kwargs may only hold"),
+    ("bogus", 1, "unknown field"),
+    ("preprocessing.std", [0.0, 0.2, 0.2], "preprocessing.std must be finite numbers > 0"),
+    ("preprocessing.image_size", 1_000_000, "image_size must be an integer in 16..1024"),
+])
+def test_metadata_that_would_give_wrong_answers_is_refused_on_load(
+        tmp_path: Path, field: str, value: object, message: str) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = build_model("resnet18", "none", image_size=32)
+    path = save_checkpoint(tmp_path / "m.safetensors", model,
+                           CheckpointInfo(model="resnet18", preprocessing=model.preprocessing))
+    meta = read_info(path).to_dict()
+    if field.startswith("preprocessing."):
+        meta["preprocessing"][field.split(".", 1)[1]] = value
+    else:
+        meta[field] = value
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad), metadata={"pneumoscope": json.dumps(meta)})
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(bad)
+
+
+def test_damaged_weights_are_refused_not_turned_into_nan_labels(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = build_model("resnet18", "none", image_size=32)
+    path = save_checkpoint(tmp_path / "m.safetensors", model,
+                           CheckpointInfo(model="resnet18", preprocessing=model.preprocessing))
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    tensors["backbone.fc.weight"][0, :4] = float("nan")
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="non-finite values"):
+        load_checkpoint(tmp_path / "bad.safetensors")

@@ -12,7 +12,9 @@ the model when it is loaded. Files written before these fields existed load with
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -66,9 +68,21 @@ class CheckpointInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointInfo:
+        """Read and check the metadata: a file whose fields would give wrong answers that look
+        right (a NaN threshold labels everything NORMAL; std 0 makes every input infinite) is
+        refused here, naming the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"checkpoint metadata must be a mapping, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ValueError(f"unsupported checkpoint format {d.get('format')!r} (expected {FORMAT})")
         fields = {k: v for k, v in d.items() if k != "format"}
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"checkpoint metadata has unknown field(s) {unknown}")
+        for key in ("model", "preprocessing"):
+            if key not in fields:
+                raise ValueError(f"checkpoint metadata lacks the field {key!r}")
+        _check_info_fields(fields)
         fields["preprocessing"] = Preprocessing.from_dict(fields["preprocessing"])
         fields["class_names"] = tuple(fields.get("class_names", CLASS_NAMES))
         fields["temperature"] = float(fields.get("temperature", 1.0))
@@ -80,6 +94,50 @@ class CheckpointInfo:
                 raise ValueError(f"abstain_band {band!r} must satisfy 0 <= low <= threshold <= high <= 1")
             fields["abstain_band"] = (low, high)
         return cls(**fields)
+
+
+ARCH_KWARGS_ALLOWED: frozenset[str] = frozenset({"bn_eps", "pad_type"})
+"""``timm.create_model`` arguments a model file may carry (the offline weights' source
+conventions): anything else (a path to load, a pretrained flag) is refused."""
+
+
+def _number(fields: dict[str, Any], key: str, low: float, high: float) -> None:
+    value = fields.get(key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ValueError(f"checkpoint field {key} must be a finite number in [{low:g}, {high:g}], "
+                         f"got {value!r}")
+
+
+def _check_info_fields(fields: dict[str, Any]) -> None:
+    """Types and ranges of the metadata fields, before any is used."""
+    if not isinstance(fields["model"], str):
+        raise ValueError(f"checkpoint field model must be a registry name, got {fields['model']!r}")
+    _number(fields, "threshold", 0.0, 1.0)
+    _number(fields, "temperature", 1e-3, 1e3)
+    names = fields.get("class_names", CLASS_NAMES)
+    if not isinstance(names, list | tuple) or len(names) != 2 or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"checkpoint field class_names must be two names, got {names!r}")
+    pre = fields["preprocessing"]
+    if not isinstance(pre, dict):
+        raise ValueError(f"checkpoint field preprocessing must be a mapping, got {pre!r}")
+    size = pre.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 1024:
+        raise ValueError(f"checkpoint field preprocessing.image_size must be an integer in 16..1024, "
+                         f"got {size!r}")
+    for key, positive in (("mean", False), ("std", True)):
+        values = pre.get(key)
+        if not isinstance(values, list | tuple) or not values or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > 0 or not positive) for v in values):
+            raise ValueError(f"checkpoint field preprocessing.{key} must be finite numbers"
+                             + (" > 0" if positive else "") + f", got {values!r}")
+    kwargs = fields.get("arch_kwargs", {})
+    if not isinstance(kwargs, dict) or set(kwargs) - ARCH_KWARGS_ALLOWED:
+        raise ValueError(f"checkpoint field arch_kwargs may only hold {sorted(ARCH_KWARGS_ALLOWED)}, "
+                         f"got {kwargs!r}")
 
 
 EXTRA_PREFIXES: tuple[str, ...] = ("gate.",)
@@ -125,7 +183,12 @@ def read_info(path: str | Path) -> CheckpointInfo:
         raise ValueError(f"{path} is not a PneumoScope checkpoint (.safetensors): {exc}") from exc
     if _META_KEY not in meta:
         raise ValueError(f"{path} has no PneumoScope metadata: was it written by `pneumoscope train`?")
-    return CheckpointInfo.from_dict(json.loads(meta[_META_KEY]))
+    try:
+        return CheckpointInfo.from_dict(json.loads(meta[_META_KEY]))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path}: unreadable PneumoScope metadata ({exc})") from exc
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def read_extra_tensors(path: str | Path, prefix: str = "gate.") -> dict[str, torch.Tensor]:
@@ -145,6 +208,14 @@ def load_checkpoint(
     model = rebuild_model(info.model, info.preprocessing, arch_kwargs=info.arch_kwargs,
                           channels_last=channels_last)
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(EXTRA_PREFIXES)}
-    model.load_state_dict(state, strict=True)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a damaged file: NaN weights give NaN probabilities
+        raise ValueError(f"{path}: non-finite values in {len(bad)} weight tensor(s), e.g. {bad[0]}: "
+                         "the file is damaged")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: its weights do not fit model {info.model!r} "
+                         f"({str(exc).splitlines()[0]})") from exc
     model.set_temperature(info.temperature)
     return model.to(device).eval(), info
