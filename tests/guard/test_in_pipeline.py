@@ -170,3 +170,16 @@ def test_an_abstain_band_labels_films_uncertain_and_is_checked_on_load(tmp_path:
                                                                   "PNEUMONIA"]
     with pytest.raises(ValueError, match="abstain_band"):
         CheckpointInfo.from_dict({**info.to_dict(), "abstain_band": [0.5, 0.6]})
+
+
+def test_a_sliver_is_refused_before_any_explanation_work(old_ckpt: Path) -> None:
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.serve.app import create_app
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((3000, 8), 90, np.uint8)).save(buf, format="PNG")  # 8 x 3000 px
+    client = TestClient(create_app(old_ckpt))
+    response = client.post("/v1/explain", files={"file": ("s.png", buf.getvalue(), "image/png")})
+    assert response.status_code == 422 and "too wide or too tall" in response.json()["error"]
