@@ -379,9 +379,8 @@ def cmd_gate_fit(args: argparse.Namespace) -> int:
                                  f"data.image_size={info.preprocessing.image_size}"])
     seed = int((info.config.get("train") or {}).get("seed", config.train.seed))
     splits = load_splits(config.data, seed)  # the model's own patient-grouped split, by its seed
-    small = 28 if args.data.endswith(".npz") else None
     gate = fit_gate_for(splits["train"].images, splits["val"].images,
-                        info.preprocessing.image_size, sources_min_side=small)
+                        info.preprocessing.image_size, data_root=args.data)
     out = add_gate(args.checkpoint, gate, args.out)
     assert gate.levels is not None
     print(f"gate fitted on {gate.n_fitted} training films of {args.data}: warn above "

@@ -19,10 +19,11 @@ and ``report.{html,md}``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 
 from pneumoscope.data.records import ImageRecord
 from pneumoscope.evaluation.threshold import ThresholdRule
-from pneumoscope.jsonio import write_json
+from pneumoscope.jsonio import write_json, write_text_atomic
 
 SCHEMA_VERSION = 1
 """Version of ``metrics.json``; files written before it existed read as version 1."""
@@ -315,18 +316,19 @@ class Predictions:
 
 def write_predictions(path: str | Path, records: Sequence[ImageRecord], probs: np.ndarray,
                       threshold: float) -> Path:
-    """One row per image (written to a temporary file, then renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(PREDICTION_COLUMNS)
-        for r, p in zip(records, probs, strict=True):
-            writer.writerow([r.path, r.file, r.patient_id, r.subtype, r.label, f"{p:.6f}",
-                             int(p >= threshold), f"{threshold:.6f}"])
-    tmp.replace(path)
-    return path
+    """One row per image (written whole or not at all)."""
+    return _write_csv(path, PREDICTION_COLUMNS, (
+        [r.path, r.file, r.patient_id, r.subtype, r.label, f"{p:.6f}", int(p >= threshold),
+         f"{threshold:.6f}"] for r, p in zip(records, probs, strict=True)))
+
+
+def _write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A CSV file, replaced atomically (:func:`~pneumoscope.jsonio.write_text_atomic`)."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text_atomic(path, buf.getvalue())
 
 
 def read_predictions(path: str | Path) -> Predictions:
@@ -349,17 +351,10 @@ def read_predictions(path: str | Path) -> Predictions:
 
 def write_gate_csv(path: str | Path, records: Sequence[ImageRecord], verdicts: Sequence[Any]) -> Path:
     """One row per film: the input gate's verdict, its reasons and the learned score."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "gate", "gate_reason", "ood_score"])
-        for r, v in zip(records, verdicts, strict=True):
-            writer.writerow([r.path, r.label, v.status, ";".join(v.reasons),
-                             "" if v.ood_score is None else f"{v.ood_score:.4f}"])
-    tmp.replace(path)
-    return path
+    return _write_csv(path, ("path", "label", "gate", "gate_reason", "ood_score"), (
+        [r.path, r.label, v.status, ";".join(v.reasons),
+         "" if v.ood_score is None else f"{v.ood_score:.4f}"]
+        for r, v in zip(records, verdicts, strict=True)))
 
 
 EPOCH_CURVES = ("train_loss", "val_loss", "val_auc")

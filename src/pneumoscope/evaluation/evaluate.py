@@ -152,13 +152,13 @@ def evaluate_checkpoint(
     else:
         report["gate"] = {"state": "disabled"}
     if len(set(labels.tolist())) == 2:
-        curve = risk_coverage(labels, probs, info.threshold, selection_score(probs, info.threshold, scores))
+        confidence = selection_score(probs, info.threshold, scores)
+        curve = risk_coverage(labels, probs, info.threshold, confidence)
         report["selective"] = {
             "confidence": "margin from the threshold" + (" and gate score (the weaker rank)"
                                                          if scores is not None else ""),
             "aurc": curve["aurc"], "aurc_optimal": curve["aurc_optimal"], "risk_full": curve["risk_full"],
-            "at_coverage": risk_at_coverage(labels, probs, info.threshold,
-                                            confidence=selection_score(probs, info.threshold, scores))}
+            "at_coverage": risk_at_coverage(labels, probs, info.threshold, confidence=confidence)}
     write_predictions(layout.predictions, decoded.records, probs, info.threshold)
     write_json(layout.metrics, report)
     return report

@@ -42,10 +42,9 @@ def fit_run_gate(splits: dict[str, SplitData], config: RunConfig) -> Gate | None
     """The input gate of a run, fitted on its training films with levels set on its validation
     films (never the test split); ``None`` with a warning when the frozen network's offline
     weights are not installed (the model file then carries no learned gate)."""
-    small = 28 if str(config.data.root or "").endswith(".npz") else None  # PneumoniaMNIST sources
     try:
         return fit_gate_for(np.asarray(splits["train"].images), np.asarray(splits["val"].images),
-                            config.data.image_size, sources_min_side=small,
+                            config.data.image_size, data_root=config.data.root,
                             seed=config.eval.bootstrap_seed)
     except ModuleNotFoundError as exc:
         log.warning("no input gate fitted (%s); the model file will carry the deterministic "

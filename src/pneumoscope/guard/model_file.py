@@ -44,19 +44,23 @@ def load_gate(checkpoint: str | Path, info: CheckpointInfo | None = None, *,
     return gate
 
 
-def tolerances_for(sources_min_side: int | None) -> Tolerances:
+MNIST_SIDE_PX = 28
+"""Side of PneumoniaMNIST's source images (a ``.npz`` data root)."""
+
+
+def tolerances_for(data_root: str | Path | None) -> Tolerances:
     """Default tolerances, with the smallest plausible side lowered to the training images'
     own where those are small (PneumoniaMNIST's 28 px sources)."""
-    if sources_min_side is not None and sources_min_side < MIN_SIDE_PX:
-        return Tolerances(min_side=sources_min_side)
+    if str(data_root or "").endswith(".npz"):
+        return Tolerances(min_side=min(MIN_SIDE_PX, MNIST_SIDE_PX))
     return Tolerances()
 
 
 def fit_gate_for(train_images: np.ndarray, val_images: np.ndarray, image_size: int, *,
-                 sources_min_side: int | None = None, seed: int = 0) -> Gate:
+                 data_root: str | Path | None = None, seed: int = 0) -> Gate:
     """:func:`fit_gate` with the tolerances of the data the model was trained on."""
     return fit_gate(train_images, val_images, image_size=image_size, seed=seed,
-                    tolerances=tolerances_for(sources_min_side))
+                    tolerances=tolerances_for(data_root))
 
 
 def score_rates(gate: Gate, images: np.ndarray) -> dict[str, float] | None:
@@ -80,7 +84,9 @@ def assess_records(gate: Gate, paths: Sequence[str], images: np.ndarray) -> list
         try:
             decoded.append(decode_image(path))
         except (ImageDecodeError, OSError):
-            decoded.append(DecodedImage(np.asarray(img), 10**4, 10**4, 0.0))
+            # No source to judge its size or colour by: pass those checks, keep the rest.
+            side = max(MIN_SIDE_PX, *np.shape(img))
+            decoded.append(DecodedImage(np.asarray(img), side, side, 0.0))
     return gate.assess(decoded, np.ascontiguousarray(images)) if decoded else []
 
 

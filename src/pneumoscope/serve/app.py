@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pneumoscope import __version__
-from pneumoscope.data.decode import MAX_PIXELS, ImageDecodeError, decode_image
+from pneumoscope.data.decode import MAX_PIXELS, ImageDecodeError, decode_image, resize_square
 from pneumoscope.guard.gate import describe_reason
 from pneumoscope.jsonio import json_safe
 from pneumoscope.notice import INTENDED_USE, LIMITATIONS
@@ -256,21 +256,20 @@ class _Service:
             "version": __version__, "backend": self.predictor.backend,
             "model_sha256": self.sha256[:16]})
 
-    def refusal(self, data: bytes) -> str | None:
-        """Why the gate refuses ``data`` (None when it does not): explanations are not drawn for
-        images that are not chest films."""
-        row = self.predictor.predict_bytes(data, name="upload")
-        if row.gate != "refuse":
-            return None
-        reasons = [describe_reason(r) for r in (row.gate_reason or "").split(";") if r]
-        return "not a chest X-ray: " + "; ".join(reasons)
-
     def explain(self, data: bytes, method: str, title: bool) -> tuple[Any, bytes]:
         from PIL import Image
 
         from pneumoscope.explain.cam import explain, explanation_title, overlay_png, title_band_height
 
-        gray = self.decode(data)
+        decoded = decode_image(data, max_pixels=self.max_pixels, name="upload")
+        # Not for an image the gate refuses: it would explain a label that is never given. The
+        # gate runs before any CAM work, so a sliver or a photo costs one decode and one score.
+        resized = resize_square(decoded.gray, self.predictor.image_size)[None]
+        verdict = self.predictor.gate.assess([decoded], resized)[0]
+        if verdict.status == "refuse":
+            raise UploadError(422, "not a chest X-ray: "
+                              + "; ".join(describe_reason(r) for r in verdict.reasons))
+        gray = decoded.gray
         expl = explain(self.explainer.model, self.info, gray, method)
         png = overlay_png(display_image(gray), expl.heatmap, explanation_title(expl) if title else "")
         if not title:  # drop the (empty) title strip: the overlay then lines up with the preview
@@ -380,9 +379,6 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
                               f"{', '.join(SERVICE_CAM_METHODS)}")
         title = _flag(fields.get("title"), True)
         start = time.perf_counter()
-        refused = await service.run(service.refusal, data)
-        if refused:
-            return _error(422, refused)
         expl, png = await service.run(service.explain, data, method, title)
         return Response(png, media_type="image/png", headers={
             "X-Probability": f"{expl.probability:.6f}", "X-Label": expl.label,
