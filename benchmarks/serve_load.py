@@ -94,13 +94,14 @@ def _percentile(values: list[float], q: float) -> float:
 class Server:
     """``pneumoscope serve`` in a subprocess, stopped on exit."""
 
-    def __init__(self, checkpoint: Path, backend: str, log_file: Path, startup_timeout: float = 180) -> None:
+    def __init__(self, checkpoint: Path, backend: str, log_file: Path, startup_timeout: float = 180,
+                 extra_args: tuple[str, ...] = ()) -> None:
         from pneumoscope.runtime import FAST_MALLOC_ENV
 
         self.port = _free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.command = [sys.executable, "-m", "pneumoscope", "serve", str(checkpoint), "--host", HOST,
-                        "--port", str(self.port), "--backend", backend]
+                        "--port", str(self.port), "--backend", backend, *extra_args]
         env = {**os.environ, **FAST_MALLOC_ENV}  # what the `pneumoscope` console script sets
         self._log = log_file.open("w")
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
