@@ -263,3 +263,17 @@ def test_a_client_leaving_mid_upload_costs_one_log_line(server: tuple[str, int],
     assert len(gone) == 1 and gone[0].exc_info is None
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert httpx.get(f"http://{HOST}:{port}/healthz", timeout=5).status_code == 200
+
+
+def test_cli_predict_gives_a_per_file_error_for_a_sliver(ckpt: Path, tmp_path: Path) -> None:
+    from pneumoscope.cli import main
+
+    (tmp_path / "sliver.png").write_bytes(_png(3000, 8))
+    (tmp_path / "film.png").write_bytes(_png(64, 64))
+    out = tmp_path / "out.csv"
+    main(["predict", str(ckpt), str(tmp_path / "sliver.png"), str(tmp_path / "film.png"), "--no-gate",
+          "--out", str(out)])
+    rows = {line.split(",")[0].rsplit("/", 1)[-1]: line for line in out.read_text().splitlines()[1:]}
+    assert "aspect ratio above 20:1" in rows["sliver.png"]
+    assert "aspect ratio" not in rows["film.png"]
+    assert "NORMAL" in rows["film.png"] or "PNEUMONIA" in rows["film.png"]
