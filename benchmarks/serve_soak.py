@@ -46,23 +46,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _env import hardware, versions
-from serve_load import HOST, RESULTS, Server, _peak_rss_mib, _percentile, random_checkpoint, test_image
+from serve_load import (
+    HOST,
+    RESULTS,
+    Server,
+    _percentile,
+    random_checkpoint,
+    status_mib,
+    test_image,
+    versions_line,
+)
 
 log = logging.getLogger("serve_soak")
 
 BOUNDARY = "soakBoundary"
 OVERSIZED_BYTES = 25 * 2**20
-
-
-def _rss_mib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
 
 
 def _head(port: int, path: str, length: int | None) -> bytes:
@@ -139,36 +137,31 @@ class Soak:
                     else:
                         self.normal.setdefault(phase, []).append(elapsed)
 
-    def slow_client(self) -> None:
-        """An upload trickling 1 byte every 0.5 s until the server answers or closes."""
+    def _trickle(self, kind: str, opening: bytes, byte: bytes) -> None:
+        """Connections that send ``opening``, then ``byte`` every 0.5 s until the server answers
+        or closes; the outcome and how long the connection was held are counted under ``kind``."""
         while not self.mixed_over.is_set():
             start = time.monotonic()
             with socket.create_connection((HOST, self.port), timeout=10) as sock:
-                sock.sendall(_head(self.port, "/v1/predict", 100_000) + _part_head())
+                sock.sendall(opening)
                 while not self.mixed_over.is_set() and not _answered(sock):
                     time.sleep(0.5)
                     try:
-                        sock.send(b"\0")
+                        sock.send(byte)
                     except OSError:
                         break
                 if self.mixed_over.is_set() and not _answered(sock):
                     return  # cut by the end of the run, not by the server: not counted
-                self._count("slow upload (1 B / 0.5 s)", _status(sock, 5), time.monotonic() - start)
+                self._count(kind, _status(sock, 5), time.monotonic() - start)
+
+    def slow_client(self) -> None:
+        """An upload trickling 1 byte every 0.5 s."""
+        self._trickle("slow upload (1 B / 0.5 s)", _head(self.port, "/v1/predict", 100_000) + _part_head(),
+                      b"\0")
 
     def slow_header_client(self) -> None:
-        while not self.mixed_over.is_set():
-            start = time.monotonic()
-            with socket.create_connection((HOST, self.port), timeout=10) as sock:
-                sock.sendall(b"POST /v1/predict HTTP/1.1\r\n")
-                while not self.mixed_over.is_set() and not _answered(sock):
-                    time.sleep(0.5)
-                    try:
-                        sock.send(b"X")
-                    except OSError:
-                        break
-                if self.mixed_over.is_set() and not _answered(sock):
-                    return
-                self._count("slow headers (1 B / 0.5 s)", _status(sock, 5), time.monotonic() - start)
+        """Request headers trickling 1 byte every 0.5 s."""
+        self._trickle("slow headers (1 B / 0.5 s)", b"POST /v1/predict HTTP/1.1\r\n", b"X")
 
     def every(self, period: float, action: Callable[[int], None]) -> Callable[[], None]:
         def loop() -> None:
@@ -230,8 +223,9 @@ def sampler(soak: Soak, pid: int, t0: float, out: list[dict[str, Any]]) -> None:
             health_ms = round(1000 * (time.perf_counter() - start), 1)
         except httpx.HTTPError:
             in_progress, health_ms = None, None
-        out.append({"t_s": round(time.monotonic() - t0, 1), "phase": soak.phase, "rss_mib": _rss_mib(pid),
-                    "healthz_ms": health_ms, "uploads_in_progress": in_progress})
+        out.append({"t_s": round(time.monotonic() - t0, 1), "phase": soak.phase,
+                    "rss_mib": status_mib(pid, "VmRSS"), "healthz_ms": health_ms,
+                    "uploads_in_progress": in_progress})
         soak.stop.wait(max(0.0, 1.0 - (time.perf_counter() - start)))
 
 
@@ -318,7 +312,7 @@ def main() -> None:
             for t in background:
                 t.join(timeout=130)
             wall = time.monotonic() - t0
-            peak = _peak_rss_mib(server.proc.pid)
+            peak = status_mib(server.proc.pid, "VmHWM")
             still_running = [t.name for t in adversaries + background if t.is_alive()]
         finally:
             server.stop()
@@ -418,9 +412,7 @@ def markdown(record: dict[str, Any]) -> str:
     step = max(1, len(samples) // 24)
     for s in samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else []):
         lines.append(f"| {s['t_s']} | {s['phase']} | {s['rss_mib']} | {s['uploads_in_progress']} |")
-    v = record["versions"]
-    lines += ["", f"Versions: python {v['python']}, torch {v['torch']}, pneumoscope {v['pneumoscope']}"
-              f"{', commit ' + v['git_commit'] if v.get('git_commit') else ''}. All samples in the JSON.", ""]
+    lines += ["", f"{versions_line(record['versions'])} All samples in the JSON.", ""]
     return "\n".join(lines)
 
 
