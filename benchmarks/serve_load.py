@@ -73,11 +73,12 @@ def test_image(size: int) -> bytes:
     return buf.getvalue()
 
 
-def _peak_rss_mib(pid: int) -> float | None:
+def status_mib(pid: int, field: str) -> float | None:
+    """A memory field of ``/proc/PID/status`` (``VmHWM`` peak, ``VmRSS`` now) in MiB (Linux)."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
@@ -94,13 +95,14 @@ def _percentile(values: list[float], q: float) -> float:
 class Server:
     """``pneumoscope serve`` in a subprocess, stopped on exit."""
 
-    def __init__(self, checkpoint: Path, backend: str, log_file: Path, startup_timeout: float = 180) -> None:
+    def __init__(self, checkpoint: Path, backend: str, log_file: Path, startup_timeout: float = 180,
+                 extra_args: tuple[str, ...] = ()) -> None:
         from pneumoscope.runtime import FAST_MALLOC_ENV
 
         self.port = _free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.command = [sys.executable, "-m", "pneumoscope", "serve", str(checkpoint), "--host", HOST,
-                        "--port", str(self.port), "--backend", backend]
+                        "--port", str(self.port), "--backend", backend, *extra_args]
         env = {**os.environ, **FAST_MALLOC_ENV}  # what the `pneumoscope` console script sets
         self._log = log_file.open("w")
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -220,7 +222,7 @@ def main() -> None:
                 result = run_load(server.url, image, args.clients, args.requests)
                 result.update(load_average_1m_before=load_before,
                               load_average_1m_after=round(os.getloadavg()[0], 2),
-                              server_peak_rss_mib=_peak_rss_mib(server.proc.pid),
+                              server_peak_rss_mib=status_mib(server.proc.pid, "VmHWM"),
                               server_command=shlex.join(server.command))
             finally:
                 server.stop()
@@ -261,10 +263,13 @@ def markdown(record: dict[str, Any]) -> str:
                      f"{r.get('latency_p99_ms', '-')} | {r.get('server_latency_p50_ms', '-')} | "
                      f"{r['server_peak_rss_mib']} | {r['load_average_1m_before']} / "
                      f"{r['load_average_1m_after']} |")
-    v = record["versions"]
-    lines += ["", f"Versions: python {v['python']}, torch {v['torch']}, pneumoscope {v['pneumoscope']}"
-              f"{', commit ' + v['git_commit'] if v.get('git_commit') else ''}.", ""]
+    lines += ["", versions_line(record["versions"]), ""]
     return "\n".join(lines)
+
+
+def versions_line(v: dict[str, str]) -> str:
+    return (f"Versions: python {v['python']}, torch {v['torch']}, pneumoscope {v['pneumoscope']}"
+            f"{', commit ' + v['git_commit'] if v.get('git_commit') else ''}.")
 
 
 if __name__ == "__main__":

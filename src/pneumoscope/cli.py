@@ -439,6 +439,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pneumoscope.data.decode import MAX_PIXELS
     from pneumoscope.serve.app import serve
+    from pneumoscope.serve.limits import ServeLimits
     from pneumoscope.serve.predict import resolve_backend
 
     if args.max_upload_mb <= 0:
@@ -446,9 +447,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the service has no authentication and is for research use "
                     "only; put it behind an authenticating proxy before exposing it", args.host)
+    limits = ServeLimits(max_uploads=args.max_uploads, body_timeout_s=args.body_timeout,
+                         header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
+                         max_connections=args.max_connections)
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     serve(args.checkpoint, host=args.host, port=args.port,
           backend=resolve_backend(args.checkpoint, args.backend),
           max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or MAX_PIXELS,
+          limits=limits, allowed_hosts=hosts,
           on_ready=lambda url: print(f"PneumoScope: open {url} (API docs: {url}docs); Ctrl+C stops",
                                      flush=True))
     return 0
@@ -552,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report the input gate's scores on the images of DIR (repeatable)")
     p.set_defaults(func=cmd_report)
 
+    from pneumoscope.serve.limits import ServeLimits  # plain values: no FastAPI import
+
     p = sub.add_parser("serve", help="web service and page: predict and explain uploaded X-rays",
                        epilog=SERVE_EXAMPLE, formatter_class=fmt)
     p.add_argument("checkpoint", help="model.safetensors (from train) or model.onnx (from export)")
@@ -562,6 +570,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20)")
     p.add_argument("--max-pixels", type=int,
                    help="largest image, in pixels (default 50000000; larger ones get HTTP 422)")
+    limits = ServeLimits()
+    p.add_argument("--max-uploads", type=int, default=limits.max_uploads,
+                   help=f"requests read or worked on at once; more get 503 + Retry-After (default "
+                        f"{limits.max_uploads})")
+    p.add_argument("--body-timeout", type=float, default=limits.body_timeout_s, metavar="S",
+                   help=f"seconds for an upload to arrive, else 408 (default {limits.body_timeout_s:g})")
+    p.add_argument("--header-timeout", type=float, default=limits.header_timeout_s, metavar="S",
+                   help=f"seconds for request headers, else the connection is closed (default "
+                        f"{limits.header_timeout_s:g})")
+    p.add_argument("--keep-alive", type=float, default=limits.keep_alive_s, metavar="S",
+                   help=f"idle keep-alive connections are closed after this many seconds (default "
+                        f"{limits.keep_alive_s:g})")
+    p.add_argument("--max-connections", type=int, default=limits.max_connections,
+                   help=f"open connections before new requests get 503 (default {limits.max_connections})")
+    p.add_argument("--allowed-hosts", metavar="H1,H2",
+                   help="Host header values accepted (default: 127.0.0.1, localhost, [::1] and --host; "
+                        "'*' = any); others get 400")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("calibrate", help="fit a model's threshold (and temperature) on a site's "

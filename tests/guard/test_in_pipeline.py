@@ -179,7 +179,8 @@ def test_a_sliver_is_refused_before_any_explanation_work(old_ckpt: Path) -> None
     from pneumoscope.serve.app import create_app
 
     buf = io.BytesIO()
-    Image.fromarray(np.full((3000, 8), 90, np.uint8)).save(buf, format="PNG")  # 8 x 3000 px
+    # 200 x 3000 px: legal for the decoder (15:1; beyond 20:1 it refuses itself), not for the gate.
+    Image.fromarray(np.full((3000, 200), 90, np.uint8)).save(buf, format="PNG")
     client = TestClient(create_app(old_ckpt))
     response = client.post("/v1/explain", files={"file": ("s.png", buf.getvalue(), "image/png")})
     assert response.status_code == 422 and "too wide or too tall" in response.json()["error"]

@@ -31,6 +31,12 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 MAX_PIXELS: int = 50_000_000
 """Images above this many pixels are refused (decompression bombs, absurd scans)."""
 
+MAX_ASPECT: float = 20.0
+"""Images longer than this many times their width (or wider than their height) are refused:
+no film is a 20:1 strip, and every later step (the square resize, an overlay) would otherwise
+blow one side of a tiny upload up to thousands of pixels. Checked on the header, before
+decoding, for every path (CLI, API, training), whatever the input gate says."""
+
 
 DICOM_INSTALL_HINT = "pip install 'pneumoscope[dicom]'"
 
@@ -83,6 +89,9 @@ def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
         )
     if width < _MIN_SIDE or height < _MIN_SIDE:
         raise ImageDecodeError(f"{name}: image is only {width}x{height} pixels")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageDecodeError(f"{name}: image is {width}x{height} pixels, an aspect ratio above "
+                               f"{MAX_ASPECT:g}:1 (not a radiograph)")
 
 
 def _import_pydicom(name: str) -> Any:

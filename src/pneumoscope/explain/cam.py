@@ -272,15 +272,23 @@ def explain(model: XrayClassifier, info_or_spec_name: CheckpointInfo | ModelSpec
 # --- pictures --------------------------------------------------------------------------------
 
 
+MAX_OVERLAY_SIDE = 1024
+"""Longest side, in pixels, of the image part of any overlay: a narrow image is enlarged for
+legibility only up to this, and a larger one is shrunk to it, so an overlay's cost does not
+depend on the upload's size or shape."""
+
+
 def title_band_height(width: int) -> int:
     """Height in pixels of the title strip :func:`overlay_png` puts above a ``width``-wide image."""
     return max(16, width // 12)
 
 
 def overlay_size(height: int, width: int, min_width: int = 256) -> tuple[int, int]:
-    """(width, height) of the PNG :func:`overlay_png` makes from an ``height x width`` image."""
-    scale = max(1.0, min_width / width)
-    w, h = round(width * scale), round(height * scale)
+    """(width, height) of the PNG :func:`overlay_png` makes from an ``height x width`` image:
+    enlarged to at least ``min_width`` wide, but the image part never longer than
+    :data:`MAX_OVERLAY_SIDE` on either side (aspect kept)."""
+    scale = min(max(1.0, min_width / width), MAX_OVERLAY_SIDE / max(height, width))
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
     return w, h + title_band_height(w)
 
 
@@ -290,7 +298,8 @@ def overlay_png(image_uint8: np.ndarray, heatmap: np.ndarray, title: str = "", *
 
     The heatmap is resized to the image (bilinear). Images narrower than ``min_width`` are
     enlarged (bicubic) so that a 224-px model input stays legible with its title; the size is
-    :func:`overlay_size`.
+    :func:`overlay_size` (bounded by :data:`MAX_OVERLAY_SIDE`). Everything is built in uint8 at
+    that size (a few bytes per output pixel), whatever the size of ``image_uint8``.
     """
     try:
         import matplotlib
@@ -303,20 +312,25 @@ def overlay_png(image_uint8: np.ndarray, heatmap: np.ndarray, title: str = "", *
     gray = np.asarray(image_uint8)
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"expected a uint8 grayscale (H, W) image, got {gray.dtype} {gray.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     out_w, out_h = overlay_size(*gray.shape, min_width=min_width)
     band = title_band_height(out_w)
     h, w = out_h - band, out_w
+    base = Image.fromarray(gray, mode="L")
     if gray.shape != (h, w):
-        gray = np.asarray(Image.fromarray(gray, mode="L").resize((w, h), Image.Resampling.BICUBIC))
-    heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
-    if heat.shape != (h, w):
-        heat = np.asarray(Image.fromarray(heat, mode="F").resize((w, h), Image.Resampling.BILINEAR))
-        heat = np.clip(heat, 0.0, 1.0)
-    colors = matplotlib.colormaps[colormap](heat)[..., :3]  # no pyplot, no backend needed
-    base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=-1)
-    blend = np.uint8(np.round(255.0 * ((1.0 - alpha) * base + alpha * colors)))
+        base = base.resize((w, h), Image.Resampling.BICUBIC)
+    heat = Image.fromarray(np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0),
+                           mode="F")
+    if heat.size != (w, h):
+        heat = heat.resize((w, h), Image.Resampling.BILINEAR)
+    # The colour map as a 256-entry uint8 table (no pyplot, no backend): the heat, quantised to
+    # 8 bits like the PNG it ends up in, indexes it.
+    lut = matplotlib.colormaps[colormap](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
+    index = np.round(np.clip(np.asarray(heat), 0.0, 1.0) * 255.0).astype(np.uint8)
+    colors = Image.fromarray(lut[index], mode="RGB")
     canvas = Image.new("RGB", (out_w, out_h), (0, 0, 0))
-    canvas.paste(Image.fromarray(blend, mode="RGB"), (0, band))
+    canvas.paste(Image.blend(base.convert("RGB"), colors, alpha), (0, band))
     if title:
         draw = ImageDraw.Draw(canvas)
         size = max(6, int(band * 0.6))

@@ -19,18 +19,25 @@ PyTorch weights: with one, ``/v1/explain`` answers 501 (start from the ``.safete
 Uploads stay in memory (see :mod:`pneumoscope.serve.upload`), their type is decided by content
 (JPEG, PNG, DICOM), and decoding and inference run in worker threads, at most
 ``max_concurrency`` at a time, so the event loop keeps answering (``/healthz`` included).
-Every error is JSON ``{"error": "..."}``.
+Every error is JSON ``{"error": "..."}`` (except the plain-text 400 of an untrusted ``Host``).
+
+Slow and abandoned clients cannot pile up (:class:`ServeLimits`): at most ``max_uploads``
+requests are read or worked on at once (the next get 503 with ``Retry-After`` before their body
+is read), a body must arrive within ``body_timeout_s`` (else 408), request headers within
+``header_timeout_s`` (else the connection is closed), uvicorn answers 503 past
+``max_connections`` connections, and a client that disconnects mid-upload costs one log line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,10 +46,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pneumoscope import __version__
-from pneumoscope.data.decode import MAX_PIXELS, ImageDecodeError, decode_image, resize_square
+from pneumoscope.data.decode import MAX_ASPECT, MAX_PIXELS, ImageDecodeError, decode_image, resize_square
 from pneumoscope.guard.gate import describe_reason
 from pneumoscope.jsonio import json_safe
 from pneumoscope.notice import INTENDED_USE, LIMITATIONS
+from pneumoscope.serve.limits import LOOPBACK_HOSTS, ServeLimits, default_allowed_hosts
 from pneumoscope.serve.predict import Backend, Predictor, is_onnx_file
 from pneumoscope.serve.upload import SUPPORTED_TYPES, Upload, UploadError, read_multipart, sniff_type
 
@@ -54,6 +62,8 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import ClientDisconnect
 except ImportError as exc:  # an optional extra: say how to get it
     raise ModuleNotFoundError(f"the web service needs FastAPI and uvicorn ({exc}); install them with "
                               f"`{SERVE_INSTALL_HINT}`") from exc
@@ -63,6 +73,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
+RETRY_AFTER_S = 2
 DISPLAY_MAX_SIDE = 512
 """Longest side of the preview and overlay images the service returns."""
 
@@ -170,7 +181,7 @@ class _Service:
     """Everything the endpoints share: the model(s), the limits, the worker limiter."""
 
     def __init__(self, checkpoint: str | Path, backend: Backend, max_upload_bytes: int,
-                 max_pixels: int, max_concurrency: int | None) -> None:
+                 max_pixels: int, max_concurrency: int | None, limits: ServeLimits) -> None:
         if max_upload_bytes < 1:
             raise ValueError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
         if max_pixels < 64:
@@ -187,6 +198,22 @@ class _Service:
         # float64 on its way to uint8); the torch model is serialised by the Predictor anyway.
         self.max_concurrency = max_concurrency or max(2, len(os.sched_getaffinity(0)))
         self._limiter: anyio.CapacityLimiter | None = None
+        self.limits = limits
+        self.uploads = 0  # requests holding an upload slot (touched only on the event loop)
+
+    @contextlib.asynccontextmanager
+    async def upload_slot(self) -> AsyncIterator[None]:
+        """One of ``limits.max_uploads`` slots for reading and working on an upload, or 503 at
+        once (before any of the body is read) when they are all taken."""
+        if self.uploads >= self.limits.max_uploads:
+            raise UploadError(503, f"busy: {self.limits.max_uploads} uploads are in progress; retry "
+                              f"in {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S),
+                                                                "Connection": "close"})
+        self.uploads += 1
+        try:
+            yield
+        finally:
+            self.uploads -= 1
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """``func(*args)`` in a worker thread, at most ``max_concurrency`` at a time."""
@@ -198,7 +225,7 @@ class _Service:
         """The uploaded file's bytes, checked for presence and type (not yet decoded)."""
         upload = await read_multipart(request.headers.get("content-type"),
                                       request.headers.get("content-length"), request.stream(),
-                                      self.max_upload_bytes)
+                                      self.max_upload_bytes, self.limits.body_timeout_s)
         if upload.file is None:
             raise UploadError(422, "no file: send the image in a multipart field named 'file'")
         if not upload.file:
@@ -228,6 +255,8 @@ class _Service:
             "explain_methods": list(SERVICE_CAM_METHODS) if self.explainer.model is not None else [],
             "explain_unavailable_reason": self.explainer.reason or None,
             "limits": {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
+                       "max_aspect_ratio": MAX_ASPECT, "max_uploads": self.limits.max_uploads,
+                       "body_timeout_s": self.limits.body_timeout_s,
                        "accepted_types": list(SUPPORTED_TYPES) if self.dicom_available
                        else [t for t in SUPPORTED_TYPES if t != "DICOM"]},
             "gate": {"state": self.predictor.gate.state,
@@ -261,17 +290,21 @@ class _Service:
 
         from pneumoscope.explain.cam import explain, explanation_title, overlay_png, title_band_height
 
+        # The decoder refuses absurd aspect ratios (data.decode.MAX_ASPECT). Past the next three
+        # lines only the model input and the display copy (longest side DISPLAY_MAX_SIDE) are
+        # kept: the work and memory of the CAM and the overlay do not grow with the upload.
         decoded = decode_image(data, max_pixels=self.max_pixels, name="upload")
+        model_input = resize_square(decoded.gray, self.predictor.image_size)
+        shown = display_image(decoded.gray)
         # Not for an image the gate refuses: it would explain a label that is never given. The
-        # gate runs before any CAM work, so a sliver or a photo costs one decode and one score.
-        resized = resize_square(decoded.gray, self.predictor.image_size)[None]
-        verdict = self.predictor.gate.assess([decoded], resized)[0]
+        # gate runs before any CAM work, so a photo costs one decode and one score.
+        verdict = self.predictor.gate.assess([decoded], model_input[None])[0]
+        del decoded
         if verdict.status == "refuse":
             raise UploadError(422, "not a chest X-ray: "
                               + "; ".join(describe_reason(r) for r in verdict.reasons))
-        gray = decoded.gray
-        expl = explain(self.explainer.model, self.info, gray, method)
-        png = overlay_png(display_image(gray), expl.heatmap, explanation_title(expl) if title else "")
+        expl = explain(self.explainer.model, self.info, model_input, method)
+        png = overlay_png(shown, expl.heatmap, explanation_title(expl) if title else "")
         if not title:  # drop the (empty) title strip: the overlay then lines up with the preview
             img = Image.open(io.BytesIO(png))
             band = title_band_height(img.width)
@@ -301,14 +334,19 @@ def _static_files() -> dict[str, bytes]:
 
 def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
-               max_concurrency: int | None = None) -> FastAPI:
+               max_concurrency: int | None = None, limits: ServeLimits | None = None,
+               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The service for one model file (``.safetensors``, or ``.onnx`` with the onnx backend).
 
     The model is loaded here, once. ``max_upload_bytes``: larger uploads get 413 (counted while
     reading). ``max_pixels``: larger images (by their header) get 422 before any pixel is
     decoded. ``max_concurrency``: decode/inference jobs at once (default: the CPU cores, >= 2).
+    ``limits``: upload slots and body timeout (the connection-level ones act in :func:`serve`).
+    ``allowed_hosts``: ``Host`` header values accepted (others get 400; ``"*"`` any); None
+    checks nothing here, for embedding and tests: :func:`serve` passes the bound names.
     """
-    service = _Service(checkpoint, backend, max_upload_bytes, max_pixels, max_concurrency)
+    service = _Service(checkpoint, backend, max_upload_bytes, max_pixels, max_concurrency,
+                       limits or ServeLimits())
     static = _static_files()
     app = FastAPI(
         title="PneumoScope",
@@ -317,10 +355,19 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
                      "**Research use only — not a medical device.**"),
     )
     app.state.service = service
+    if allowed_hosts is not None:  # DNS rebinding: a page elsewhere must not reach this API
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
 
     @app.exception_handler(UploadError)
     async def _upload_error(_: Request, exc: UploadError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # Nobody is left to answer: one line, no traceback (the response below goes nowhere).
+        log.info("client %s disconnected during the upload to %s; request dropped",
+                 request.client.host if request.client else "?", request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(ImageDecodeError)
     async def _decode_error(_: Request, exc: ImageDecodeError) -> JSONResponse:
@@ -346,7 +393,8 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, Any]:
         """Liveness: answers from the event loop, even while the workers are busy."""
-        return {"status": "ok", "model": service.info.model, "backend": service.predictor.backend}
+        return {"status": "ok", "model": service.info.model, "backend": service.predictor.backend,
+                "uploads_in_progress": service.uploads}
 
     @app.get("/v1/model", tags=["model"])
     async def model_card() -> JSONResponse:
@@ -358,9 +406,10 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
     async def predict(request: Request) -> JSONResponse:
         """Probability of pneumonia for one image, and the label at the model's threshold.
         ``latency_ms``: decoding and inference on the server (queueing for a worker included)."""
-        data, _ = await service.read_image(request)
-        start = time.perf_counter()
-        result = await service.run(service.predict, data)
+        async with service.upload_slot():
+            data, _ = await service.read_image(request)
+            start = time.perf_counter()
+            result = await service.run(service.predict, data)
         result["latency_ms"] = round(1000 * (time.perf_counter() - start), 2)
         return JSONResponse(result)
 
@@ -371,15 +420,16 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
         ``X-Label``, ``X-Threshold``, ``X-Method`` headers. Fields may also be query parameters."""
         if service.explainer.model is None:
             return _error(501, service.explainer.reason)
-        data, upload = await service.read_image(request)
-        fields = {**request.query_params, **upload.fields}
-        method = (fields.get("method") or "gradcam").strip().lower()
-        if method not in SERVICE_CAM_METHODS:
-            raise UploadError(422, f"unknown or unavailable CAM method {method[:40]!r}; choose from "
-                              f"{', '.join(SERVICE_CAM_METHODS)}")
-        title = _flag(fields.get("title"), True)
-        start = time.perf_counter()
-        expl, png = await service.run(service.explain, data, method, title)
+        async with service.upload_slot():
+            data, upload = await service.read_image(request)
+            fields = {**request.query_params, **upload.fields}
+            method = (fields.get("method") or "gradcam").strip().lower()
+            if method not in SERVICE_CAM_METHODS:
+                raise UploadError(422, f"unknown or unavailable CAM method {method[:40]!r}; choose "
+                                  f"from {', '.join(SERVICE_CAM_METHODS)}")
+            title = _flag(fields.get("title"), True)
+            start = time.perf_counter()
+            expl, png = await service.run(service.explain, data, method, title)
         return Response(png, media_type="image/png", headers={
             "X-Probability": f"{expl.probability:.6f}", "X-Label": expl.label,
             "X-Threshold": f"{expl.threshold:.6f}", "X-Method": method, "X-Model": service.info.model,
@@ -389,8 +439,10 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
     async def preview(request: Request) -> Response:
         """The decoded grayscale image as PNG (DICOM windowed, EXIF orientation applied), at the
         size of an overlay without title: what the model is given, before its square resize."""
-        data, _ = await service.read_image(request)
-        return Response(await service.run(service.preview, data), media_type="image/png")
+        async with service.upload_slot():
+            data, _ = await service.read_image(request)
+            png = await service.run(service.preview, data)
+        return Response(png, media_type="image/png")
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -409,21 +461,83 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
     return app
 
 
+def _h11_with_header_timeout(timeout: float) -> type:
+    """uvicorn's h11 protocol, plus a deadline for a request's line and headers (uvicorn has
+    none: a client trickling header bytes held its connection for ever). Armed when a
+    connection opens and after each response; a request that has begun by then is left alone
+    (its body has ``body_timeout_s``; an idle connection, uvicorn's keep-alive timeout)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _Protocol(H11Protocol):
+        _header_timer: Any = None
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout, self._expire, self.cycle)
+
+        def _expire(self, cycle_then: Any) -> None:
+            waiting = cycle_then is None or cycle_then.response_complete  # no request under way
+            if self.cycle is cycle_then and waiting and not self.transport.is_closing():
+                log.info("closed a connection from %s: no complete request headers within %g s",
+                         self.client[0] if self.client else "?", timeout)
+                if self.conn.our_state in (h11.IDLE, h11.DONE):
+                    with contextlib.suppress(h11.LocalProtocolError):
+                        self.conn.send(h11.ConnectionClosed())
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return _Protocol
+
+
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, backend: Backend = "torch",
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
+          limits: ServeLimits | None = None, allowed_hosts: Sequence[str] | None = None,
           on_ready: Callable[[str], None] | None = None) -> None:
     """Create the app and run it with uvicorn until interrupted. ``on_ready(url)`` is called
-    once the model is loaded, before the server starts listening."""
+    once the model is loaded, before the server starts listening. ``allowed_hosts``: default
+    :func:`default_allowed_hosts` of ``host``."""
     try:
         import uvicorn
     except ImportError as exc:
         raise ModuleNotFoundError(f"the web service needs uvicorn; {SERVE_INSTALL_HINT}") from exc
-    app = create_app(checkpoint, backend=backend, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
+    limits = limits or ServeLimits()
+    hosts = list(allowed_hosts) if allowed_hosts is not None else default_allowed_hosts(host)
+    if not hosts:
+        raise ValueError("allowed_hosts is empty: no request could be answered (use '*' for any)")
+    if host in ("0.0.0.0", "::") and allowed_hosts is None:
+        log.warning("listening on %s, but only requests addressed to %s are answered: name the "
+                    "server's host names with --allowed-hosts", host, ", ".join(hosts))
+    app = create_app(checkpoint, backend=backend, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
+                     limits=limits, allowed_hosts=hosts)
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
         on_ready(f"http://{shown}:{port}/")
     # One process: the model is loaded once and shared; workers are threads (see _Service.run).
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", **uvicorn_options(limits))
 
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "SERVICE_CAM_METHODS", "create_app", "display_image", "serve"]
+def uvicorn_options(limits: ServeLimits) -> dict[str, Any]:
+    """The uvicorn settings that enforce the connection-level ``limits`` (h11 with a header
+    deadline, ``limit_concurrency``, ``timeout_keep_alive``, the header size)."""
+    return {"http": _h11_with_header_timeout(limits.header_timeout_s),
+            "limit_concurrency": limits.max_connections, "timeout_keep_alive": limits.keep_alive_s,
+            "h11_max_incomplete_event_size": limits.max_header_bytes}
+
+
+__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LOOPBACK_HOSTS", "SERVICE_CAM_METHODS", "ServeLimits", "create_app",
+           "default_allowed_hosts", "display_image", "serve", "uvicorn_options"]

@@ -4,7 +4,8 @@ Starlette's form parser spools files above 1 MiB to a temporary file on disk and
 size limit to file parts. A medical image upload should do neither: :func:`read_multipart`
 parses the ``multipart/form-data`` body as it streams in, keeps everything in memory and stops
 with :class:`UploadError` (413) the moment the file part, or the whole body, passes its limit,
-whatever ``Content-Length`` claimed.
+whatever ``Content-Length`` claimed, and (408) when the body takes longer than its time limit
+(a client sending a byte every half second would otherwise hold memory and a slot forever).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ SUPPORTED_TYPES = ("JPEG", "PNG", "DICOM")
 class UploadError(Exception):
     """A request whose upload cannot be used; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 @dataclass
@@ -125,12 +127,15 @@ class _FormCollector:
 
 
 async def read_multipart(content_type: str | None, content_length: str | None,
-                         stream: AsyncIterator[bytes], max_upload_bytes: int) -> Upload:
+                         stream: AsyncIterator[bytes], max_upload_bytes: int,
+                         timeout: float | None = None) -> Upload:
     """Parse a ``multipart/form-data`` body from ``stream`` into memory.
 
-    Raises :class:`UploadError`: 413 when the file (or the body) is larger than allowed, 400 for
-    a body that is not well-formed multipart or has too many or too long fields.
+    Raises :class:`UploadError`: 413 when the file (or the body) is larger than allowed, 408 when
+    the whole body has not arrived within ``timeout`` seconds (None: no limit), 400 for a body
+    that is not well-formed multipart or has too many or too long fields.
     """
+    import anyio
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -151,12 +156,16 @@ async def read_multipart(content_type: str | None, content_length: str | None,
     parser = MultipartParser(params[b"boundary"], form.callbacks())
     received = 0
     try:
-        async for chunk in stream:
-            received += len(chunk)
-            if received > max_body:
-                raise UploadError(413, too_large_message(max_upload_bytes))
-            parser.write(chunk)
+        with anyio.fail_after(timeout):
+            async for chunk in stream:
+                received += len(chunk)
+                if received > max_body:
+                    raise UploadError(413, too_large_message(max_upload_bytes))
+                parser.write(chunk)
         parser.finalize()
+    except TimeoutError as exc:
+        raise UploadError(408, f"upload too slow: the body did not arrive within {timeout:g} s "
+                          f"({received} bytes received)", headers={"Connection": "close"}) from exc
     except FormParserError as exc:
         raise UploadError(400, f"malformed multipart body ({exc})") from exc
     if not form.ended:
