@@ -12,7 +12,8 @@ Recipes (see RECIPES):
   pneumoniamnist-efficientnet_lite0-light   the same with the first recipe's light augmentation
 Each seed changes the validation split (patient-grouped) and the initialisation. The checkpoint
 and the threshold come from validation; the test split is read once per seed, at the end.
-Writes ``benchmarks/results/<recipe>.json`` and ``.md``.
+Writes ``benchmarks/results/<recipe>.json`` and ``.md``, and a Kermany recipe's row in the
+test-split ledger (``benchmarks/ledger.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _env import hardware, versions
+from ledger import record_file
 
 from pneumoscope.config import load_config
 from pneumoscope.evaluation.metrics import METRIC_NAMES, binary_metrics
@@ -288,6 +290,7 @@ def main() -> None:
             continue
         result = run_recipe(name, root, seeds, Path(args.out), from_runs=args.from_runs)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        record_file(RESULTS / f"{name}.json", kind="from-runs" if args.from_runs else "evaluated")
         (RESULTS / f"{name}.md").write_text(markdown(result))
         (RESULTS / "accuracy-summary.md").write_text(summary())
         print(markdown(result))

@@ -17,7 +17,9 @@ Protocol:
   ``resize_square``), so the deterministic checks see each file's colour, size and shape.
 - Near-OOD cases and acquisition stress tests are applied to the resized test films.
 
-Writes ``benchmarks/results/gate-cpu.{json,md}`` (``gate-cpu-quick`` with ``--quick``).
+Writes ``benchmarks/results/gate-cpu.{json,md}`` (``gate-cpu-quick`` with ``--quick``) and a
+row in the test-split ledger (``benchmarks/ledger.py``): no classifier metric is computed on
+test, but the test labels split the false-refusal rates by class.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _env import hardware, versions
+from ledger import recipe_sha256, record_file
 
 from pneumoscope.data.cache import cached_images
 from pneumoscope.data.decode import DecodedImage, ImageDecodeError, decode_image, resize_square
@@ -139,7 +142,10 @@ def _safe(value: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pneumoscope.models.checkpoint import read_info
+
     rng = np.random.default_rng(args.seed)
+    config = read_info(args.checkpoint).config if args.checkpoint else {}
     splits, size, split_source = _splits(args)
     timings: dict[str, float] = {}
 
@@ -221,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": args.tag, "command": shlex.join([sys.executable, *sys.argv]),
         "statement": STATEMENT, "checkpoint": args.checkpoint, "image_size": size,
+        "config_sha256": recipe_sha256(config) if config else "",
         "split_source": split_source, "quick": args.quick,
         "gate": gate.metadata(), "n_train_pool": len(train.records), "n_val": len(val.records),
         "undecodable": {"val": val_failed, "test": test_failed},
@@ -320,6 +327,7 @@ def main() -> None:
     record = _safe(run(args))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_file(RESULTS / f"{args.tag}.json")  # the test labels split the refusal rates: a ledger row
     md = markdown(record)
     (RESULTS / f"{args.tag}.md").write_text(md)
     log.info("wrote %s", RESULTS / f"{args.tag}.md")

@@ -7,7 +7,8 @@ Runs ``pneumoscope compare --config configs/quick.yaml`` through the library and
 (``--config configs/seed-study-gpu.yaml --tag seed-study-gpu --parallel``); ``--from-runs DIR``
 only summarises a study folder that another machine wrote, finished runs or not (what a GPU run
 cut off by its time limit still measured: epochs done, seconds per epoch, validation AUC, and
-the test metrics of the runs that finished).
+the test metrics of the runs that finished). Each model scored on the test split gets a row in
+the test-split ledger (``benchmarks/ledger.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _env import hardware, versions
+from ledger import record_file
 
 from pneumoscope.config import RunConfig, load_config
 from pneumoscope.data.datasets import load_splits
@@ -101,6 +103,7 @@ def _summarise(args: argparse.Namespace, config: RunConfig) -> None:
               "config": config.to_dict(), "note": args.note, "device": device, "runs": rows}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_file(args.results / f"{args.tag}.json", kind="from-runs")
     lines = [f"# {args.tag}", "", f"Command: `{record['command']}`", "", args.note, "",
              "Device (as the run reported it):", "", "```", device.strip(), "```", "",
              "| model | epochs done | s/epoch (median) | best val AUC (epoch) | finished | test AUC "
@@ -163,6 +166,7 @@ def main() -> None:
               "hardware": hardware(), "versions": versions(), "runs": runs, "leaderboard": board}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_file(args.results / f"{args.tag}.json", kind="evaluated")
     md = result["paths"]["md"].read_text()
     hw = record["hardware"]
     (args.results / f"{args.tag}.md").write_text(

@@ -19,7 +19,8 @@ Images are decoded once into one uint8 array; the frozen logits are computed onc
 adaptation costs one forward of its n films (twice: AdaBN, then the logits for (e)) and one of
 the evaluation half. Also reported: a risk-coverage table of the frozen model on the whole test
 split, and abstain bands chosen on each calibration half and scored on its evaluation half.
-Writes ``benchmarks/results/<tag>.{json,md}`` (``--quick``: ``runs/site-quick/``).
+Writes ``benchmarks/results/<tag>.{json,md}`` (``--quick``: ``runs/site-quick/``) and, on the
+real test split, a row in the test-split ledger beside them (``benchmarks/ledger.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _env import hardware, versions
+from ledger import recipe_sha256, record_file
 
 from pneumoscope.data.cache import cached_images
 from pneumoscope.data.records import ImageRecord, attach_manifest, load_folder
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             data_text = f"{data} (official test split)"
         # channels_last: oneDNN's faster NHWC kernels on CPU (the training default too).
         model, info = load_checkpoint(checkpoint, channels_last=True)
+        config_sha256 = recipe_sha256(info.config) if info.config else ""
         records, images = load_site(data, info.preprocessing.image_size, args.max_films, args.seed)
         with warnings.catch_warnings(record=True) as caught:
             # Expected and visible in the tables (T at a bound, a band refusing every film,
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": tag, "command": shlex.join([sys.executable, *sys.argv]),
         "model": {"name": info.model, "image_size": info.preprocessing.image_size, "source": source,
                   "threshold": info.threshold, "threshold_method": info.threshold_method,
-                  "temperature": info.temperature},
+                  "temperature": info.temperature, "config_sha256": config_sha256},
         "data": data_text,
         "protocol": {"repeats": args.repeats, "adapt_repeats": result["adapt_repeats"],
                      "sizes": sizes, "seed": args.seed,
@@ -369,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     record = json_safe(record)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_file(out_dir / f"{tag}.json")  # a row in the test-split ledger (none for a synthetic site)
     (out_dir / f"{tag}.md").write_text(markdown(record))
     log.info("wrote %s", out_dir / f"{tag}.md")
 

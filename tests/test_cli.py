@@ -122,6 +122,8 @@ def test_models_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "densenet121" in out and "--weights package" in out
+    lite2 = next(line for line in out.splitlines() if line.startswith("efficientnet_lite2 "))
+    assert "260 px" in lite2 and ("installed" in lite2 or "pneumoscope[lite2]" in lite2)
 
 
 def test_data_check_and_offline_download(kermany_tree: Path, tmp_path: Path,

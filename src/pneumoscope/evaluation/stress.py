@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pneumoscope.evaluation.metrics import binary_metrics
 
 if TYPE_CHECKING:
+    from pneumoscope.evaluation.tta import View
     from pneumoscope.models.factory import XrayClassifier
 
 Perturbation = Callable[[np.ndarray], np.ndarray]
@@ -109,11 +110,13 @@ STRESS_METRICS = ("auc", "log_loss", "sensitivity", "specificity", "balanced_acc
 
 
 def stress_probabilities(model: XrayClassifier, images: np.ndarray,
-                         names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """The model's PNEUMONIA probabilities for ``images`` after each stress test."""
+                         names: Sequence[str] | None = None,
+                         tta: Sequence[View] | None = None) -> dict[str, np.ndarray]:
+    """The model's PNEUMONIA probabilities for ``images`` after each stress test (``tta``: as
+    in :func:`~pneumoscope.evaluation.inference.predict_proba`)."""
     from pneumoscope.evaluation.inference import predict_proba
 
-    return {name: predict_proba(model, perturb(images, name)) for name in (names or STRESS_TESTS)}
+    return {name: predict_proba(model, perturb(images, name), tta=tta) for name in (names or STRESS_TESTS)}
 
 
 def stress_report(labels: np.ndarray, probs: Mapping[str, np.ndarray],

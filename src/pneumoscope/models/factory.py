@@ -200,6 +200,10 @@ def build_model(
     mean, std = None, None
     arch_kwargs: dict[str, Any] = {}
     if weights == "hub":
+        cfg = timm.get_pretrained_cfg(spec.timm_name)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise WeightsUnavailableError(
+                f"timm publishes no pretrained weights for '{spec.timm_name}'. " + _hub_hint(spec))
         try:
             if _hub_reachable():
                 backbone = _create(spec, True, image_size, drop_rate)

