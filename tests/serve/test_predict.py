@@ -383,3 +383,15 @@ def test_cli_folder_scan_gives_rows_for_links_and_fifos(ckpt: Path, tmp_path: Pa
     assert set(rows) == {"ok.png", "broken.png", "pipe.png"} and not rows["ok.png"]
     assert "broken symbolic link" in rows["broken.png"] and "FIFO" in rows["pipe.png"]
     assert "1 skipped as not images" in capsys.readouterr().out
+
+
+def test_predict_files_never_opens_a_fifo(predictor: Predictor, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.png")
+    rows: list[PredictionRow] = []
+    worker = threading.Thread(target=lambda: rows.extend(predictor.predict_files(
+        [tmp_path / "pipe.png", tmp_path / "gone.png", tmp_path], progress=False)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "predict_files blocked on the FIFO"
+    assert ["FIFO" in rows[0].error, "input not found" in rows[1].error, "a folder" in rows[2].error] == [
+        True, True, True]

@@ -97,6 +97,18 @@ def _file_error(path: Path, st: os.stat_result) -> str | None:
     return None
 
 
+def file_entry(path: str | Path) -> InputEntry:
+    """One path as an entry, checked with ``stat`` only (a FIFO or device is never opened; a
+    folder is an error here: :func:`scan_inputs` expands folders)."""
+    path = Path(path)
+    st, why = _problem(path)
+    if st is None:
+        return InputEntry(path, why)
+    if stat.S_ISDIR(st.st_mode):
+        return InputEntry(path, "a folder, not an image file")
+    return InputEntry(path, _file_error(path, st))
+
+
 def _walk(folder: Path, seen_dirs: set[tuple[int, int]],
           skipped: list[tuple[Path, str]]) -> Iterator[InputEntry]:
     """Image entries under ``folder`` (recursive, links followed once), in name order."""
@@ -150,7 +162,7 @@ def _named(path: Path, seen_dirs: set[tuple[int, int]],
             return [InputEntry(path, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")]
         return found
     # A file named explicitly is taken whatever its suffix (the decoder goes by content).
-    return [InputEntry(path, _file_error(path, st))]
+    return [file_entry(path)]
 
 
 def scan_inputs(patterns: Sequence[str | Path]) -> InputScan:

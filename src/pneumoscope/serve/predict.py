@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from pneumoscope.data.datasets import to_model_input_numpy
 from pneumoscope.data.decode import MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, resize_square
-from pneumoscope.data.inputs import InputEntry, collect_inputs, scan_inputs
+from pneumoscope.data.inputs import InputEntry, collect_inputs, file_entry, scan_inputs
 from pneumoscope.evaluation.inference import predict_proba
 from pneumoscope.export import onnx as export
 from pneumoscope.guard.gate import Gate, Verdict
@@ -249,7 +249,7 @@ class Predictor:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if decode_workers is not None and decode_workers < 0:
             raise ValueError(f"decode_workers must be >= 0, got {decode_workers}")
-        entries = (e if isinstance(e, InputEntry) else InputEntry(Path(e)) for e in inputs)
+        entries = (e if isinstance(e, InputEntry) else file_entry(e) for e in inputs)
         if decode_workers == 0:
             while chunk := list(islice(entries, batch_size)):
                 yield self._rows(chunk, [self._decode(e) for e in chunk])
