@@ -48,6 +48,8 @@ example (quick, CPU, offline):
 PREDICT_EXAMPLE = """example:
   pneumoscope predict runs/efficientnet_lite0-seed42/model.safetensors scans/ extra/*.dcm \\
       --out results.csv
+  pneumoscope predict model.safetensors archive/ --out results.csv --resume   # after a kill
+  pneumoscope predict model.safetensors archive/ --shard 3/8 --out part-3.csv # one of 8 copies
   pneumoscope predict model.onnx chest.png        # exported model, onnx backend"""
 EXPORT_EXAMPLE = """example:
   pneumoscope export runs/efficientnet_lite0-seed42/model.safetensors --format onnx \\
@@ -327,41 +329,59 @@ def cmd_models(_: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pneumoscope.serve.predict import Predictor, collect_inputs, is_onnx_file, write_rows
+    from pneumoscope.data.inputs import parse_shard, scan_inputs, select_shard
+    from pneumoscope.serve.predict import Predictor, is_onnx_file, predict_to_file
+    from pneumoscope.serve.results import check_output, safe_path, safe_text
 
-    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
-        raise ValueError(f"--out must end in .csv or .json, got {args.out}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    paths = collect_inputs(args.inputs)
-    predictor = Predictor(args.checkpoint, backend=args.backend, gate=not args.no_gate, tta=args.tta)
-    rows = predictor.predict_files(paths, batch_size=args.batch_size, progress=sys.stderr.isatty())
-    failed = [r for r in rows if r.error]
-    refused = [r for r in rows if r.gate == "refuse"]
-    warned = [r for r in rows if r.gate == "warn"]
-    if args.out:
-        write_rows(rows, args.out)
-    else:
-        width = min(max((len(r.path) for r in rows), default=4), 60)
-        print(f"{'file':<{width}}  {'p(pneumonia)':>12}  label")
-        for r in rows:
-            shown = r.path if len(r.path) <= width else "..." + r.path[-(width - 3):]
-            prob = f"{r.prob_pneumonia:.4f}" if r.prob_pneumonia is not None else "-"
-            print(f"{shown:<{width}}  {prob:>12}  {_row_verdict(r)}")
+    if args.decode_workers is not None and args.decode_workers < 0:
+        raise ValueError(f"--decode-workers must be >= 0, got {args.decode_workers}")
+    if (args.resume or args.overwrite) and not args.out:
+        raise ValueError("--resume and --overwrite need --out")
+    shard = parse_shard(args.shard) if args.shard else None
+    # The output is checked before any work: no result is lost to a bad path at the end.
+    out = check_output(args.out, resume=args.resume, overwrite=args.overwrite) if args.out else None
+    scan = scan_inputs(args.inputs)
+    entries = select_shard(scan.entries, *shard) if shard else scan.entries
+    predictor = Predictor(args.checkpoint, backend=args.backend, gate=not args.no_gate,
+                          tta=args.tta)
+    good: list[Path] = []
+    width = min(max((len(safe_path(e.path)) for e in entries), default=4), 60)
+    if out is None:
+        print(f"{'file':<{width}}  {'p(pneumonia)':>12}  label", flush=True)
+
+    def on_batch(rows: list[Any]) -> None:
+        if args.heatmaps:
+            good.extend(Path(r.path) for r in rows if not r.error and r.gate != "refuse")
+        if out is None:
+            for r in rows:
+                path = safe_path(r.path)
+                shown = path if len(path) <= width else "..." + path[-(width - 3):]
+                prob = f"{r.prob_pneumonia:.4f}" if r.prob_pneumonia is not None else "-"
+                print(f"{shown:<{width}}  {prob:>12}  {safe_text(_row_verdict(r))}", flush=True)
+
+    counts = predict_to_file(predictor, entries, out, resume=args.resume, batch_size=args.batch_size,
+                             decode_workers=args.decode_workers, progress=sys.stderr.isatty(),
+                             on_batch=on_batch)
     if args.heatmaps:
         from pneumoscope.explain.cam import explain_files
 
         if is_onnx_file(args.checkpoint):
             raise ValueError("--heatmaps needs the model.safetensors checkpoint (CAMs need gradients)")
-        good = [Path(r.path) for r in rows if not r.error and r.gate != "refuse"]
         explain_files(args.checkpoint, good, args.heatmaps, methods=("gradcam",),
                       progress=sys.stderr.isatty())
         print(f"heatmaps (Grad-CAM overlays and .npy): {args.heatmaps}")
+    notes = [f"{len(scan.skipped)} skipped as not images (named in the log)"] if scan.skipped else []
+    if shard:
+        notes.append(f"shard {shard[0]}/{shard[1]}: {len(entries)} of {len(scan.entries)} input(s)")
+    if counts.already_done:
+        notes.append(f"{counts.already_done} already in {out}")
     print(f"{predictor.info.model} ({predictor.backend}, threshold {predictor.threshold:.3f}, "
-          f"gate {predictor.gate.state}): {len(rows)} file(s), {len(failed)} failed, "
-          f"{len(refused)} refused as not chest films, {len(warned)} flagged unlike the training films"
-          + (f"; results: {args.out}" if args.out else ""))
-    return 1 if failed else 0
+          f"gate {predictor.gate.state}): {counts.rows} file(s), {counts.failed} failed, "
+          f"{counts.refused} refused as not chest films, {counts.warned} flagged unlike the training "
+          f"films" + "".join(f"; {n}" for n in notes) + (f"; results: {out}" if out else ""))
+    return 1 if counts.failed else 0
 
 
 def _row_verdict(row: Any) -> str:
@@ -516,10 +536,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="model.safetensors (from train) or model.onnx (from export)")
     p.add_argument("inputs", nargs="+", metavar="PATH",
                    help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--out", help="results file, .csv or .json (default: print a table)")
+    p.add_argument("--out", help="results file: .csv or .jsonl (rows appended per batch) or .json "
+                   "(an array, written at the end); default: print a table")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --out: inputs already in it are skipped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--shard", metavar="I/N",
+                   help="predict shard I of N (0 <= I < N): a file belongs to shard "
+                   "hash(path) mod N, so N copies (e.g. a SLURM array) split the inputs")
     p.add_argument("--backend", choices=["torch", "onnx"],
                    help="default: onnx for a .onnx file, torch otherwise")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--decode-workers", type=int, metavar="N",
+                   help="threads decoding the next batch while the model runs (default: up to 4); "
+                   "0: decode one file after the other in the main thread")
     p.add_argument("--heatmaps", metavar="DIR",
                    help="also write a Grad-CAM overlay PNG and heatmap .npy per image into DIR")
     p.add_argument("--no-gate", action="store_true",

@@ -360,6 +360,22 @@ def write_gate_csv(path: str | Path, records: Sequence[ImageRecord], verdicts: S
 EPOCH_CURVES = ("train_loss", "val_loss", "val_auc")
 
 
+def append_epoch_row(path: str | Path, row: Mapping[str, Any]) -> Path:
+    """Add one row to ``epochs.csv`` (a header first when the file is new). The file is rewritten
+    atomically with the row added, so a crash never leaves a torn row; it stays small (one row
+    per epoch). Appending keeps a resumed run's history (Lightning's CSVLogger starts afresh)."""
+    path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(row))
+    if not old:
+        writer.writeheader()
+    writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    if old and not old.endswith("\n"):
+        old += "\n"
+    return write_text_atomic(path, old + buf.getvalue())
+
+
 def _float(text: str | None) -> float | None:
     try:
         value = float(text) if text not in (None, "") else None

@@ -73,7 +73,7 @@ def test_a_photo_is_refused_even_by_a_model_file_without_a_fitted_gate(
     assert main(["predict", str(old_ckpt), str(images / "photo.jpeg")]) == 0
     assert "REFUSED: not a chest film (the image is in colour" in capsys.readouterr().out
     # --no-gate is research-only, and says so in every row.
-    assert main(["predict", str(old_ckpt), str(images), "--out", str(out), "--no-gate"]) == 0
+    assert main(["predict", str(old_ckpt), str(images), "--out", str(out), "--no-gate", "--overwrite"]) == 0
     assert {r["gate"] for r in csv.DictReader(out.open())} == {"off"}
 
 

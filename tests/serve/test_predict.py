@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import struct
 import threading
 import zlib
@@ -18,7 +19,15 @@ from pneumoscope.data.decode import ImageDecodeError
 from pneumoscope.data.synthetic import make_phantom
 from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
 from pneumoscope.models.factory import build_model
-from pneumoscope.serve.predict import PredictionRow, Predictor, collect_inputs, write_rows
+from pneumoscope.serve.predict import (
+    PredictionRow,
+    Predictor,
+    collect_inputs,
+    predict_to_file,
+    scan_inputs,
+    write_rows,
+)
+from pneumoscope.serve.results import partial_path
 
 GOOD = ("a.jpeg", "b.png", "c16.png", "d.dcm", "sub/e.png")
 BAD = ("corrupt.jpeg", "empty.png", "text.png", "huge.png")
@@ -85,7 +94,7 @@ def test_collect_inputs(inputs: Path) -> None:
     assert collect_inputs([str(inputs / "notes.txt")]) == [inputs / "notes.txt"]  # named: kept
     with pytest.raises(FileNotFoundError, match=r"nope\.png"):
         collect_inputs([str(inputs / "nope.png")])
-    with pytest.raises(ValueError, match=r"no files match .*\*\.gif"):
+    with pytest.raises(ValueError, match=r"\*\.gif: no files match"):
         collect_inputs([str(inputs / "*.gif")])
 
 
@@ -145,7 +154,7 @@ def test_concurrent_calls_match_sequential(predictor: Predictor) -> None:
 
 def test_cli_predict_csv_json_and_exit_status(ckpt: Path, inputs: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    out_csv = tmp_path / "res" / "results.csv"
+    out_csv = tmp_path / "results.csv"
     assert main(["predict", str(ckpt), str(inputs), "--out", str(out_csv), "--batch-size", "4"]) == 1
     printed = capsys.readouterr().out
     assert f"{len(GOOD) + len(BAD)} file(s), {len(BAD)} failed" in printed and str(out_csv) in printed
@@ -172,9 +181,11 @@ def test_cli_predict_csv_json_and_exit_status(ckpt: Path, inputs: Path, tmp_path
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["predict", "{ckpt}", "{inputs}/missing.png"], "input not found"),
-    (["predict", "{ckpt}", "{inputs}", "--out", "x.txt"], "must end in .csv or .json"),
+    (["predict", "{ckpt}", "{inputs}", "--out", "x.txt"], "must end in .csv, .jsonl, .json"),
     (["predict", "{inputs}/a.jpeg", "{inputs}/b.png"], "not a PneumoScope checkpoint"),
+    (["predict", "{ckpt}", "{inputs}", "--shard", "4/4"], "--shard must be I/N"),
+    (["predict", "{ckpt}", "{inputs}", "--resume"], "need --out"),
+    (["predict", "{ckpt}", "{inputs}", "--decode-workers", "-1"], "--decode-workers must be >= 0"),
 ])
 def test_cli_predict_bad_arguments_exit_2(argv: list[str], message: str, ckpt: Path, inputs: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,7 +196,7 @@ def test_cli_predict_bad_arguments_exit_2(argv: list[str], message: str, ckpt: P
 def test_write_rows_rejects_unknown_suffix(tmp_path: Path) -> None:
     row = PredictionRow("x.png", 0.7, "PNEUMONIA", 0.5, "resnet18")
     assert write_rows([row], tmp_path / "r.json").is_file()
-    with pytest.raises(ValueError, match=r"csv or \.json"):
+    with pytest.raises(ValueError, match=r"\.csv, \.jsonl, \.json"):
         write_rows([row], tmp_path / "r.xlsx")
 
 
@@ -197,3 +208,190 @@ def test_cli_predict_writes_heatmaps_for_the_good_files(ckpt: Path, inputs: Path
     assert sorted(p.name for p in heatmaps.iterdir()) == [
         "b_gradcam.npy", "b_gradcam.png", "e_gradcam.npy", "e_gradcam.png"]
     assert np.load(heatmaps / "b_gradcam.npy").ndim == 2
+
+
+# --- many files: streaming, resume, shards, odd names ------------------------------------------
+
+N_MANY = 10
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten small good films."""
+    root = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(3)
+    for i in range(N_MANY):
+        Image.fromarray(make_phantom(rng, 64, pneumonia=i % 2 == 1)).save(root / f"f{i:02d}.png")
+    return root
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _rows_of(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        return _csv_rows(path)
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_iter_predict_reads_ahead_one_batch_only(predictor: Predictor, many: Path) -> None:
+    pulled = 0
+
+    def paths():
+        nonlocal pulled
+        for p in sorted(many.iterdir()):
+            pulled += 1
+            yield p
+
+    batches = predictor.iter_predict(paths(), batch_size=3, decode_workers=2)
+    assert len(next(batches)) == 3
+    assert pulled == 6  # this batch, and the next one decoding: memory is a few batches, not N
+    assert sum(len(b) for b in batches) == N_MANY - 3 and pulled == N_MANY
+
+
+def test_decode_workers_0_gives_the_same_rows(predictor: Predictor, many: Path) -> None:
+    paths = sorted(many.iterdir())
+    seq = predictor.predict_files(paths, batch_size=4, progress=False, decode_workers=0)
+    pooled = predictor.predict_files(paths, batch_size=4, progress=False, decode_workers=3)
+    assert [r.to_dict() for r in seq] == [r.to_dict() for r in pooled]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_interrupted_run_keeps_its_rows_and_resumes_without_duplicates(
+        predictor: Predictor, many: Path, tmp_path: Path, suffix: str) -> None:
+    entries = scan_inputs([many]).entries
+    out = tmp_path / f"results{suffix}"
+    calls = 0
+
+    def die_after_two(rows: list[PredictionRow]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt  # as a kill between batches: two batches are on disk
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_to_file(predictor, entries, out, batch_size=3, on_batch=die_after_two)
+    on_disk = out if suffix != ".json" else partial_path(out)
+    assert len(_rows_of(on_disk)) == 6
+    assert suffix != ".json" or not out.exists()  # the array appears complete or not at all
+    counts = predict_to_file(predictor, entries, out, resume=True, batch_size=3)
+    assert (counts.already_done, counts.rows) == (6, N_MANY - 6)
+    rows = _rows_of(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(e.path) for e in entries)
+    assert not partial_path(out).exists()
+    if suffix == ".csv":
+        assert out.read_text().count("path,prob_pneumonia") == 1  # one header
+    whole = {r.path: r.prob_pneumonia for r in predictor.predict_files(
+        [e.path for e in entries], progress=False)}
+    for r in rows:
+        assert float(r["prob_pneumonia"]) == pytest.approx(whole[r["path"]], abs=1e-6)
+    # Nothing left to do: a second resume writes nothing.
+    again = predict_to_file(predictor, entries, out, resume=True, batch_size=3)
+    assert (again.already_done, again.rows) == (N_MANY, 0) and len(_rows_of(out)) == N_MANY
+
+
+def test_resume_refuses_another_models_file(predictor: Predictor, many: Path, tmp_path: Path) -> None:
+    out = write_rows([PredictionRow(str(many / "f00.png"), 0.2, "NORMAL", 0.5, "densenet121")],
+                     tmp_path / "other.csv")
+    with pytest.raises(ValueError, match="another model"):
+        predict_to_file(predictor, scan_inputs([many]).entries, out, resume=True)
+
+
+def test_cli_checks_the_output_before_any_work(many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # The model file does not exist: an --out error first means nothing was loaded or predicted.
+    absent = str(tmp_path / "no-model.safetensors")
+    existing = tmp_path / "old.csv"
+    existing.write_text("kept\n")
+    cases = [(str(tmp_path), "is a folder"), (str(tmp_path / "nope" / "r.csv"), "does not exist"),
+             (str(existing), "already exists: --resume to continue it, --overwrite")]
+    for out, message in cases:
+        assert main(["predict", absent, str(many), "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert existing.read_text() == "kept\n"
+    from pneumoscope.serve import results
+
+    monkeypatch.setattr(results.os, "access", lambda path, mode: False)  # root can write anywhere
+    assert main(["predict", absent, str(many), "--out", str(tmp_path / "r.csv")]) == 2
+    assert "permission denied" in capsys.readouterr().err
+
+
+def test_cli_resume_overwrite_and_shards(ckpt: Path, many: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.csv"
+    assert main(["predict", str(ckpt), str(many / "f0[0-3].png"), "--out", str(out)]) == 0
+    assert len(_csv_rows(out)) == 4
+    assert main(["predict", str(ckpt), str(many), "--out", str(out), "--resume"]) == 0
+    assert f"{N_MANY - 4} file(s), 0 failed" in capsys.readouterr().out
+    paths = [r["path"] for r in _csv_rows(out)]
+    assert sorted(paths) == sorted(str(p) for p in many.iterdir()) and len(set(paths)) == N_MANY
+    assert main(["predict", str(ckpt), str(many / "f00.png"), "--out", str(out), "--overwrite"]) == 0
+    assert [Path(r["path"]).name for r in _csv_rows(out)] == ["f00.png"]
+    parts = []
+    for i in range(3):
+        part = tmp_path / f"part-{i}.jsonl"
+        assert main(["predict", str(ckpt), str(many), "--shard", f"{i}/3", "--out", str(part)]) == 0
+        parts.append([r["path"] for r in _rows_of(part)])
+    assert sorted(p for part in parts for p in part) == sorted(str(p) for p in many.iterdir())
+
+
+def test_cli_odd_file_names_never_break_the_output(ckpt: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    img = Image.fromarray(make_phantom(np.random.default_rng(4), 64))
+    img.save(folder / os.fsdecode(b"bad\xff.png"))
+    img.save(folder / "new\nline.png")
+    (folder / os.fsdecode(b"corrupt\xfe.png")).write_bytes(b"\x89PNG garbage")
+    for suffix in (".csv", ".jsonl", ".json"):
+        out = tmp_path / f"odd{suffix}"
+        assert main(["predict", str(ckpt), str(folder), "--out", str(out)]) == 1  # the corrupt one
+        rows = {Path(r["path"]).name: r for r in _rows_of(out)}
+        assert set(rows) == {"bad\\xff.png", "new\\nline.png", "corrupt\\xfe.png"}, rows
+        assert rows["corrupt\\xfe.png"]["error"].startswith(str(folder / "corrupt\\xfe.png"))
+        assert not rows["bad\\xff.png"]["error"]
+        if suffix == ".csv":
+            assert len(out.read_text(encoding="utf-8").splitlines()) == 4  # one line per row
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), str(folder)]) == 1  # the table on stdout
+    table = capsys.readouterr().out
+    assert "bad\\xff.png" in table and "new\\nline.png" in table and "3 file(s), 1 failed" in table
+
+
+def test_cli_folder_scan_gives_rows_for_links_and_fifos(ckpt: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "links"
+    folder.mkdir()
+    Image.fromarray(make_phantom(np.random.default_rng(5), 64)).save(folder / "ok.png")
+    (folder / "broken.png").symlink_to(folder / "gone.png")
+    os.mkfifo(folder / "pipe.png")
+    (folder / "notes.txt").write_text("x")
+    out = tmp_path / "links.csv"
+    status: list[int] = []
+    worker = threading.Thread(target=lambda: status.append(main(["predict", str(ckpt), str(folder),
+                                                                 "--out", str(out)])), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "predict blocked on the FIFO"
+    assert status == [1]
+    rows = {Path(r["path"]).name: r["error"] for r in _csv_rows(out)}
+    assert set(rows) == {"ok.png", "broken.png", "pipe.png"} and not rows["ok.png"]
+    assert "broken symbolic link" in rows["broken.png"] and "FIFO" in rows["pipe.png"]
+    assert "1 skipped as not images" in capsys.readouterr().out
+
+
+def test_predict_files_never_opens_a_fifo(predictor: Predictor, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.png")
+    rows: list[PredictionRow] = []
+    worker = threading.Thread(target=lambda: rows.extend(predictor.predict_files(
+        [tmp_path / "pipe.png", tmp_path / "gone.png", tmp_path], progress=False)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "predict_files blocked on the FIFO"
+    assert ["FIFO" in rows[0].error, "input not found" in rows[1].error, "a folder" in rows[2].error] == [
+        True, True, True]

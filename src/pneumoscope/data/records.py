@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from pneumoscope import CLASS_NAMES
 from pneumoscope.data.decode import IMAGE_SUFFIXES
+from pneumoscope.jsonio import write_text_atomic
 
 OFFICIAL_SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -134,13 +136,13 @@ def attach_manifest(records: Iterable[ImageRecord], manifest: str | Path) -> lis
 
 
 def write_records(records: Iterable[ImageRecord], path: str | Path) -> None:
-    """Save records (e.g. a split) as CSV so a run can be audited and reproduced."""
-    fields = ["path", "label", "split", "patient_id", "subtype"]
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(fields)
-        for r in records:
-            writer.writerow([r.path, r.label, r.split, r.patient_id, r.subtype])
+    """Save records (e.g. a split) as CSV so a run can be audited and reproduced (atomically)."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["path", "label", "split", "patient_id", "subtype"])
+    for r in records:
+        writer.writerow([r.path, r.label, r.split, r.patient_id, r.subtype])
+    write_text_atomic(path, buf.getvalue())
 
 
 def read_records(path: str | Path) -> list[ImageRecord]:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from pneumoscope import CLASS_NAMES
 from pneumoscope.data.datasets import to_model_input
 from pneumoscope.data.decode import load_grayscale, resize_square
-from pneumoscope.data.inputs import collect_inputs
+from pneumoscope.data.inputs import scan_inputs
 from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint
 from pneumoscope.models.factory import XrayClassifier
 from pneumoscope.models.registry import ModelSpec, get_spec, list_specs
@@ -375,13 +375,18 @@ def explain_files(checkpoint: str | Path, paths: Iterable[str | Path], out_dir: 
     size = info.preprocessing.image_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = collect_inputs(list(paths))
+    entries = scan_inputs(list(paths)).entries
     used: set[str] = set()
     results: list[dict[str, Any]] = []
-    for path in tqdm(files, desc="explain", unit="img", disable=not progress):
+    for entry in tqdm(entries, desc="explain", unit="img", disable=not progress):
+        path = entry.path
         row: dict[str, Any] = {"path": str(path), "probability": None, "label": None,
                                "outputs": {}, "error": None}
         results.append(row)
+        if entry.error is not None:  # missing, a broken link, a FIFO...: never opened
+            log.warning("skipped %s: %s", path, entry.error)
+            row["error"] = f"{path}: {entry.error}"
+            continue
         try:
             gray = load_grayscale(path)
             image = resize_square(gray, size)

@@ -23,6 +23,7 @@ from pneumoscope import __version__
 from pneumoscope.data.datasets import to_model_input
 from pneumoscope.data.synthetic import make_phantom
 from pneumoscope.evaluation.inference import predict_proba
+from pneumoscope.jsonio import write_json
 from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint
 from pneumoscope.models.factory import Preprocessing, XrayClassifier
 from pneumoscope.runtime import available_cores
@@ -210,6 +211,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
     tmp = out.with_suffix(".onnx.tmp")
     tmp.write_bytes(data)
     tmp.replace(out)
-    Path(f"{out}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_json(f"{out}.json", sidecar)  # atomic, like the model file above
     log.info("exported %s -> %s", checkpoint, out)
     return out

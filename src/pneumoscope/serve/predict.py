@@ -3,18 +3,23 @@
 :class:`Predictor` loads the model once and is safe to share between threads (a web service
 does). Files are decoded through :func:`pneumoscope.data.decode.load_grayscale`, the same path
 as training, so a prediction sees the pixels the model was trained on.
+
+Many files: :meth:`Predictor.iter_predict` yields rows batch by batch (decoding runs ahead in a
+few threads) and :func:`predict_to_file` appends them to a result file as they come, resumable
+(see :mod:`pneumoscope.serve.results`).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +28,7 @@ from tqdm.auto import tqdm
 
 from pneumoscope.data.datasets import to_model_input_numpy
 from pneumoscope.data.decode import MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, resize_square
-from pneumoscope.data.inputs import collect_inputs
+from pneumoscope.data.inputs import InputEntry, collect_inputs, file_entry, scan_inputs
 from pneumoscope.evaluation.inference import predict_proba
 from pneumoscope.evaluation.tta import TTA_VIEWS
 from pneumoscope.export import onnx as export
@@ -31,6 +36,7 @@ from pneumoscope.guard.gate import Gate, Verdict
 from pneumoscope.guard.model_file import load_gate
 from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint
 from pneumoscope.runtime import available_cores
+from pneumoscope.serve.results import FORMATS, ResultWriter, safe_path
 
 log = logging.getLogger(__name__)
 
@@ -209,37 +215,75 @@ class Predictor:
         decoded = decode_image(data, max_pixels=self.max_pixels, name=name)
         return self._predict_decoded([name], [decoded])[0]
 
-    def _decode(self, path: Path) -> DecodedImage | str:
+    def _decode(self, entry: InputEntry) -> DecodedImage | str:
+        """An input decoded and already at the model's size, or the error text of its row."""
+        if entry.error is not None:
+            return f"{entry.path}: {entry.error}"
         try:
-            return decode_image(path, max_pixels=self.max_pixels)
+            decoded = decode_image(entry.path, max_pixels=self.max_pixels)
         except ImageDecodeError as exc:
             return str(exc)
+        # Keep the model's size only: an image waiting in the queue costs O(model input), not
+        # O(film). The gate reads the source's size and colour from the other fields.
+        return replace(decoded, gray=resize_square(decoded.gray, self.image_size))
 
-    def predict_files(self, paths: Sequence[str | Path], batch_size: int = 32,
-                      progress: bool = True, workers: int | None = None) -> list[PredictionRow]:
-        """One row per path, in order. A file that cannot be decoded (corrupt, empty, not an
-        image, unsupported DICOM, too large) gets a row with ``error`` set; the rest go on."""
+    def _rows(self, chunk: Sequence[InputEntry],
+              decoded: Sequence[DecodedImage | str]) -> list[PredictionRow]:
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        done = self._predict_decoded([str(chunk[i].path) for i in good],
+                                     [decoded[i] for i in good]) if good else []  # type: ignore[misc]
+        by_index = dict(zip(good, done, strict=True))
+        rows = []
+        for i, (entry, d) in enumerate(zip(chunk, decoded, strict=True)):
+            if isinstance(d, str):
+                log.warning("%s", d)
+                rows.append(self._row(str(entry.path), None, d))
+            else:
+                rows.append(by_index[i])
+        return rows
+
+    def iter_predict(self, inputs: Iterable[InputEntry | str | Path], batch_size: int = 32,
+                     decode_workers: int | None = None) -> Iterator[list[PredictionRow]]:
+        """Rows batch by batch, in input order: memory stays at a few batches whatever the
+        number of inputs. An input that cannot be read or decoded (an
+        :class:`~pneumoscope.data.inputs.InputEntry` with an error, a corrupt, empty, too large
+        or unsupported file) gets a row with ``error`` set; the rest go on.
+
+        ``decode_workers``: threads that decode the next batch while the model runs this one
+        (Pillow, pydicom and numpy release the GIL for the heavy parts); None: up to 4, by the
+        cores available; 0: decode in this thread, one file after the other."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if decode_workers is not None and decode_workers < 0:
+            raise ValueError(f"decode_workers must be >= 0, got {decode_workers}")
+        entries = (e if isinstance(e, InputEntry) else file_entry(e) for e in inputs)
+        if decode_workers == 0:
+            while chunk := list(islice(entries, batch_size)):
+                yield self._rows(chunk, [self._decode(e) for e in chunk])
+            return
+        workers = decode_workers or min(4, available_cores())
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+            pending: deque[tuple[list[InputEntry], list[Future[DecodedImage | str]]]] = deque()
+
+            def submit() -> None:
+                if chunk := list(islice(entries, batch_size)):
+                    pending.append((chunk, [pool.submit(self._decode, e) for e in chunk]))
+
+            submit()
+            while pending:
+                chunk, futures = pending.popleft()
+                submit()  # the next batch decodes while the model runs this one
+                yield self._rows(chunk, [f.result() for f in futures])
+
+    def predict_files(self, paths: Sequence[str | Path | InputEntry], batch_size: int = 32,
+                      progress: bool = True, decode_workers: int | None = None) -> list[PredictionRow]:
+        """One row per path, in order (all in memory: for many files use :meth:`iter_predict` or
+        :func:`predict_to_file`)."""
         rows: list[PredictionRow] = []
-        # Decoding (Pillow, pydicom, numpy) releases the GIL for the heavy parts: a few threads
-        # keep the model fed; batches bound the memory to batch_size decoded images.
-        with ThreadPoolExecutor(max_workers=workers or min(4, available_cores())) as pool, \
-                tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress) as bar:
-            for start in range(0, len(paths), batch_size):
-                chunk = [Path(p) for p in paths[start:start + batch_size]]
-                decoded = list(pool.map(self._decode, chunk))
-                good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-                done = self._predict_decoded([str(chunk[i]) for i in good],
-                                             [decoded[i] for i in good]) if good else []  # type: ignore[misc]
-                by_index = dict(zip(good, done, strict=True))
-                for i, (path, d) in enumerate(zip(chunk, decoded, strict=True)):
-                    if isinstance(d, str):
-                        log.warning("%s", d)
-                        rows.append(self._row(str(path), None, d))
-                    else:
-                        rows.append(by_index[i])
-                bar.update(len(chunk))
+        with tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress) as bar:
+            for batch in self.iter_predict(paths, batch_size, decode_workers):
+                rows.extend(batch)
+                bar.update(len(batch))
         return rows
 
 
@@ -247,21 +291,73 @@ ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PredictionRow))
 
 
 def write_rows(rows: Sequence[PredictionRow], out: str | Path) -> Path:
-    """Write rows as CSV (``.csv``) or a JSON list (``.json``), chosen by the suffix."""
+    """Write rows as CSV, JSON Lines or a JSON array, by the suffix (see
+    :mod:`pneumoscope.serve.results`), replacing the file."""
     out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in (".csv", ".json"):
-        raise ValueError(f"output must end in .csv or .json, got {out}")
+    if out.suffix.lower() not in FORMATS:
+        raise ValueError(f"output must end in {', '.join(FORMATS)}, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".json":
-        out.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
-    else:
-        with out.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=ROW_FIELDS)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: "" if v is None else v for k, v in r.to_dict().items()})
+    with ResultWriter(out, ROW_FIELDS) as writer:
+        writer.write([r.to_dict() for r in rows])
     return out
 
 
-__all__ = ["BACKENDS", "PredictionRow", "Predictor", "collect_inputs", "resolve_backend", "write_rows"]
+@dataclass
+class BatchCounts:
+    """What :func:`predict_to_file` did: rows written, of which failed / refused by the gate /
+    warned by the gate, and inputs skipped because ``resume`` found them in the output."""
+
+    rows: int = 0
+    failed: int = 0
+    refused: int = 0
+    warned: int = 0
+    already_done: int = 0
+
+    def add(self, rows: Sequence[PredictionRow]) -> None:
+        self.rows += len(rows)
+        self.failed += sum(r.error is not None for r in rows)
+        self.refused += sum(r.gate == "refuse" for r in rows)
+        self.warned += sum(r.gate == "warn" for r in rows)
+
+
+def _check_same_model(writer: ResultWriter, predictor: Predictor) -> None:
+    first = writer.first or {}
+    try:
+        same = (first.get("model") == predictor.info.model
+                and abs(float(first.get("threshold")) - predictor.threshold) < 1e-9)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise ValueError(f"{writer.out} holds results of another model ({first.get('model')}, threshold "
+                         f"{first.get('threshold')}); --resume continues the same job: choose another --out")
+
+
+def predict_to_file(predictor: Predictor, inputs: Sequence[InputEntry], out: str | Path | None = None, *,
+                    resume: bool = False, batch_size: int = 32, decode_workers: int | None = None,
+                    progress: bool = False,
+                    on_batch: Callable[[list[PredictionRow]], None] | None = None) -> BatchCounts:
+    """Predict ``inputs`` and append each batch's rows to ``out`` as soon as they exist (see
+    :class:`~pneumoscope.serve.results.ResultWriter`: a kill loses at most the batch in flight).
+    ``resume``: inputs whose path is already in ``out`` are skipped (same model required).
+    ``out`` None: rows only go to ``on_batch``, called after each batch is written."""
+    counts = BatchCounts()
+    writer = ResultWriter(out, ROW_FIELDS, resume=resume) if out is not None else None
+    with writer or nullcontext():
+        todo: Sequence[InputEntry] = inputs
+        if writer is not None and writer.first is not None:
+            _check_same_model(writer, predictor)
+            todo = [e for e in inputs if safe_path(e.path) not in writer.done]
+            counts.already_done = len(inputs) - len(todo)
+        with tqdm(total=len(todo), desc="predicting", unit="img", disable=not progress) as bar:
+            for batch in predictor.iter_predict(todo, batch_size, decode_workers):
+                if writer is not None:
+                    writer.write([r.to_dict() for r in batch])
+                counts.add(batch)
+                if on_batch is not None:
+                    on_batch(batch)
+                bar.update(len(batch))
+    return counts
+
+
+__all__ = ["BACKENDS", "BatchCounts", "PredictionRow", "Predictor", "collect_inputs", "predict_to_file",
+           "resolve_backend", "scan_inputs", "write_rows"]

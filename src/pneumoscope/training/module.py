@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from pneumoscope.config import TrainConfig
 from pneumoscope.data.augment import BatchAugment
 from pneumoscope.evaluation.metrics import binary_metrics
 from pneumoscope.models.factory import XrayClassifier
+from pneumoscope.runs import append_epoch_row
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -117,14 +117,8 @@ class ClassifierModule(L.LightningModule):
                 self.epoch_sink(self.current_epoch, epoch_row)
 
     def _append_epoch_row(self, row: dict[str, object]) -> None:
-        """One row per epoch in ``epochs.csv``; appended, so a resumed run keeps its history
-        (Lightning's CSVLogger starts its file afresh on resume)."""
-        new = not self.epoch_log.is_file()
-        with open(self.epoch_log, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        """One row per epoch in ``epochs.csv`` (see :func:`pneumoscope.runs.append_epoch_row`)."""
+        append_epoch_row(self.epoch_log, row)
 
     def configure_optimizers(self):
         cfg = self.config
