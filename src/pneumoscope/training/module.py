@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from pneumoscope.config import TrainConfig
 from pneumoscope.data.augment import BatchAugment
 from pneumoscope.evaluation.metrics import binary_metrics
+from pneumoscope.jsonio import write_text_atomic
 from pneumoscope.models.factory import XrayClassifier
 
 
@@ -53,10 +55,24 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).squeeze(1)
 
+    def step_seeds(self) -> tuple[int, int]:
+        """Seeds of this training step's randomness (dropout on the global RNG, augmentation on
+        its own generator): a function of (seed, rank, optimiser step) alone, so a run resumed
+        from a checkpoint draws exactly what the uninterrupted run drew, with no RNG state to
+        save, and the DDP processes augment differently."""
+        state = np.random.SeedSequence([self.config.seed, self.global_rank, self.global_step])
+        model_seed, augment_seed = state.generate_state(2)
+        return int(model_seed), int(augment_seed)
+
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor],
                                 dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Augment whole training batches on the device (validation and test stay untouched).
-        if self.augment is not None and self._trainer is not None and self.trainer.training:
+        if self._trainer is None or not self.trainer.training:
+            return batch  # validation and test stay untouched
+        model_seed, augment_seed = self.step_seeds()
+        torch.manual_seed(model_seed)
+        if self.augment is not None:
+            # Augment whole training batches on the device.
+            self.augment.seed(augment_seed)
             x, y = batch
             return self.augment(x), y
         return batch
@@ -94,11 +110,22 @@ class ClassifierModule(L.LightningModule):
         self._val_probs.append(torch.sigmoid(logits.float()).detach())
         self._val_labels.append(y.detach())
 
-    def on_validation_epoch_end(self) -> None:
-        probs = self.all_gather(torch.cat(self._val_probs)).reshape(-1).cpu().numpy()
-        labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1).cpu().numpy()
+    def _gathered_validation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and labels of the whole validation split. Under DDP each process scored
+        its own unpadded share (uneven lengths), so the shares are gathered as objects."""
+        probs = torch.cat(self._val_probs).float().cpu().numpy() if self._val_probs else np.empty(0)
+        labels = torch.cat(self._val_labels).cpu().numpy() if self._val_labels else np.empty(0)
         self._val_probs.clear()
         self._val_labels.clear()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return probs, labels
+        shares: list[tuple[np.ndarray, np.ndarray] | None] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(shares, (probs, labels))
+        return (np.concatenate([s[0] for s in shares if s is not None]),
+                np.concatenate([s[1] for s in shares if s is not None]))
+
+    def on_validation_epoch_end(self) -> None:
+        probs, labels = self._gathered_validation()
         if self.trainer.sanity_checking:
             return
         m = binary_metrics(labels.astype(int), np.clip(probs, 0.0, 1.0), 0.5)
@@ -115,6 +142,22 @@ class ClassifierModule(L.LightningModule):
                 self._append_epoch_row(epoch_row)
             if self.epoch_sink is not None:
                 self.epoch_sink(self.current_epoch, epoch_row)
+
+    def on_train_start(self) -> None:
+        # A run resumed from the checkpoint of epoch k-1 redoes epoch k: drop a row of epoch k
+        # (or later) that an interrupted run wrote after validation but before its checkpoint.
+        if self.epoch_log is None or not self.epoch_log.is_file() or not self.trainer.is_global_zero:
+            return
+        with open(self.epoch_log, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [row for row in rows if int(row["epoch"]) < self.current_epoch]
+        if len(kept) < len(rows):
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+            write_text_atomic(self.epoch_log, out.getvalue())
 
     def _append_epoch_row(self, row: dict[str, object]) -> None:
         """One row per epoch in ``epochs.csv``; appended, so a resumed run keeps its history
