@@ -110,6 +110,15 @@ class ClassifierModule(L.LightningModule):
         self._val_probs.append(torch.sigmoid(logits.float()).detach())
         self._val_labels.append(y.detach())
 
+    def on_validation_epoch_start(self) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # DDP keeps the parameters equal, but each process moved its BatchNorm statistics on
+            # its own last batch: score validation with rank 0's, the ones its checkpoint keeps.
+            # (DDP's forward broadcasts buffers too, on the first batch after a training step;
+            # done here it does not hang on that detail.)
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def _gathered_validation(self) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and labels of the whole validation split. Under DDP each process scored
         its own unpadded share (uneven lengths), so the shares are gathered as objects."""
