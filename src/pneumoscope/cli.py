@@ -232,6 +232,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     logs.tame_lightning(args.verbose)
     config = _ensure_data(_config_from_args(args))
     result = pipeline.compare(config, resume=args.resume)
+    if not result["paths"]:  # the other processes of a DDP study: rank 0 reports
+        return 0
     print(result["paths"]["md"].read_text())
     print(f"leaderboard: {result['paths']['md']}")
     return 0

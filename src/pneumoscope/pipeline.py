@@ -111,6 +111,8 @@ def compare(config: RunConfig, *, resume: bool = False, progress: bool = True) -
                 train(run_config, resume=resume and layout.last_checkpoint.is_file(), splits=splits,
                       progress=progress, tracking_parent=parent)
             run_dirs.append(layout.root)
+        if not is_rank_zero():  # DDP: the other processes only train; rank 0 writes the study
+            return {"out_dir": out, "leaderboard": None, "paths": {}, "report": {}}
         board = build_leaderboard(run_dirs, n_resamples=config.eval.n_bootstrap or 1000,
                                   seed=config.eval.bootstrap_seed)
         paths = write_leaderboard(board, out)
