@@ -68,3 +68,10 @@ def test_config_is_frozen() -> None:
     cfg = RunConfig()
     with pytest.raises(AttributeError):
         cfg.train.epochs = 5  # type: ignore[misc]
+
+
+def test_strategies_that_pickle_the_run_into_new_processes_are_refused() -> None:
+    assert load_config(dotted=["train.strategy=ddp"]).train.strategy == "ddp"
+    for strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
+        with pytest.raises(ValueError, match=f"train.strategy '{strategy}' is not supported: use ddp"):
+            load_config(dotted=[f"train.strategy={strategy}"])

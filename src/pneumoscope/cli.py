@@ -195,10 +195,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _ensure_data(_config_from_args(args))
     result = pipeline.train(config, resume=args.resume)
     summary = result.summary
-    if summary is not None:  # None on the other ranks of a DDP run
-        split = "test" if summary.test is not None else "val"
-        print(f"{summary.model}: {split} at threshold {summary.threshold:.3f} (chosen on val)")
-        _print_metrics(summary.split(split))
+    if summary is None:  # the other processes of a DDP run: rank 0 reports
+        return 0
+    split = "test" if summary.test is not None else "val"
+    print(f"{summary.model}: {split} at threshold {summary.threshold:.3f} (chosen on val)")
+    _print_metrics(summary.split(split))
     print(f"run folder: {result.run_dir}")
     print(f"model file: {result.checkpoint}")
     return 0
@@ -236,6 +237,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     logs.tame_lightning(args.verbose)
     config = _ensure_data(_config_from_args(args))
     result = pipeline.compare(config, resume=args.resume)
+    if not result["paths"]:  # the other processes of a DDP study: rank 0 reports
+        return 0
     print(result["paths"]["md"].read_text())
     print(f"leaderboard: {result['paths']['md']}")
     return 0

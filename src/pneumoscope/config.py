@@ -123,6 +123,9 @@ class TrainConfig:
     accelerator: str = "auto"
     devices: str = "auto"
     strategy: str = "auto"
+    """Lightning strategy: ``auto`` or ``ddp`` (one process per device; Lightning starts the same
+    command again for devices 1..n, and only rank 0 writes the run). ``ddp_spawn``/``fork`` are
+    refused: they pickle the decoded data and the tracker into fresh processes."""
     num_nodes: int = 1
     limit_train_batches: float = 1.0
     """Share (<=1.0) or number (>1) of training batches per epoch: for smoke runs."""
@@ -141,6 +144,9 @@ class TrainConfig:
         _check(self.precision in PRECISIONS,
                f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         _check(self.num_nodes >= 1, f"train.num_nodes must be >= 1, got {self.num_nodes}")
+        _check(not any(word in self.strategy for word in ("spawn", "fork", "notebook")),
+               f"train.strategy {self.strategy!r} is not supported: use ddp (Lightning starts the "
+               "same command once per device; the run's data and tracker stay in each process)")
         _check(self.limit_train_batches > 0,
                f"train.limit_train_batches must be > 0, got {self.limit_train_batches}")
 

@@ -21,6 +21,7 @@ from pneumoscope.evaluation.finalize import finalize_run
 from pneumoscope.evaluation.leaderboard import build_leaderboard, write_leaderboard
 from pneumoscope.models.registry import get_spec
 from pneumoscope.runs import RunLayout, RunSummary
+from pneumoscope.runtime import is_rank_zero
 from pneumoscope.tracking import Tracker, study_config, track_run
 from pneumoscope.training.train import fit
 
@@ -52,20 +53,24 @@ def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitDat
     """
     start = time.perf_counter()
     layout = RunLayout(config.run_dir)
+    # Under DDP (``ddp``) every process runs this function; only rank 0 writes the run folder.
+    lead = is_rank_zero()
     if resume and not layout.last_checkpoint.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint to resume from at {layout.last_checkpoint}")
-    if not resume and layout.last_checkpoint.is_file():
+    if lead and not resume and layout.last_checkpoint.is_file():
         raise FileExistsError(f"{layout.root} already holds a run; pass --resume to continue it "
                               "or choose another --out/--name")
     layout.root.mkdir(parents=True, exist_ok=True)
-    save_config(config, layout.config)
+    if lead:
+        save_config(config, layout.config)
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     with track_run(config, layout.root, parent=tracking_parent, resume=resume) as tracker:
         if splits is None:
             splits = load_splits(config.data, config.train.seed)
-        layout.splits_dir.mkdir(exist_ok=True)
-        for name, split in splits.items():
-            write_records(split.records, layout.split_file(name))
+        if lead:
+            layout.splits_dir.mkdir(exist_ok=True)
+            for name, split in splits.items():
+                write_records(split.records, layout.split_file(name))
         fitted = fit(config, splits, resume=resume, progress=progress,
                      epoch_sink=tracker.log_epoch, callbacks=callbacks)
         if not fitted.is_global_zero:
@@ -106,6 +111,8 @@ def compare(config: RunConfig, *, resume: bool = False, progress: bool = True) -
                 train(run_config, resume=resume and layout.last_checkpoint.is_file(), splits=splits,
                       progress=progress, tracking_parent=parent)
             run_dirs.append(layout.root)
+        if not is_rank_zero():  # DDP: the other processes only train; rank 0 writes the study
+            return {"out_dir": out, "leaderboard": None, "paths": {}, "report": {}}
         board = build_leaderboard(run_dirs, n_resamples=config.eval.n_bootstrap or 1000,
                                   seed=config.eval.bootstrap_seed)
         paths = write_leaderboard(board, out)

@@ -376,6 +376,25 @@ def append_epoch_row(path: str | Path, row: Mapping[str, Any]) -> Path:
     return write_text_atomic(path, old + buf.getvalue())
 
 
+def drop_epoch_rows(path: str | Path, from_epoch: int) -> None:
+    """Remove the rows of epoch ``from_epoch`` and later from ``epochs.csv`` (atomically): a run
+    resumed from the checkpoint of epoch k-1 redoes epoch k, whose row an interrupted run may
+    have written after validation but before its checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields, rows = reader.fieldnames or [], list(reader)
+    kept = [row for row in rows if int(float(row["epoch"])) < from_epoch]
+    if len(kept) < len(rows):
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text_atomic(path, buf.getvalue())
+
+
 def _float(text: str | None) -> float | None:
     try:
         value = float(text) if text not in (None, "") else None

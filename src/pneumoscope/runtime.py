@@ -27,6 +27,13 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is the first of a distributed run (or not distributed at all), from
+    the launcher's environment: under DDP every process runs the whole command, and only this
+    one writes the run folder and tracks it."""
+    return all(os.environ.get(var, "0") in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc's allocator to reuse freed buffers instead of returning them to the OS: without
     it every large batch unmaps its tensors and page-faults them back on the next (measured in

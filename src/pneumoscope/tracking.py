@@ -31,6 +31,7 @@ from pneumoscope import __version__
 from pneumoscope.config import RunConfig
 from pneumoscope.net import reachable
 from pneumoscope.runs import RunSummary
+from pneumoscope.runtime import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,6 @@ def git_commit() -> str | None:
         return None
     commit = done.stdout.strip() if done.returncode == 0 else ""
     return commit or None
-
-
-def _is_rank_zero() -> bool:
-    # Under DDP every process runs train(); only the first of the first node tracks.
-    return all(os.environ.get(var, "0") in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 class Tracker:
@@ -277,7 +273,7 @@ def track_run(config: RunConfig, run_dir: Path, *, parent: Tracker | None = None
     (``compare``'s run), the run nests under it in the parent's store and experiment.
     ``resume`` continues the latest run of the same folder where there is one.
     """
-    if not config.tracking.enabled or not _is_rank_zero() or (parent is not None and not parent.active):
+    if not config.tracking.enabled or not is_rank_zero() or (parent is not None and not parent.active):
         yield Tracker()
         return
     if isinstance(parent, MlflowTracker):

@@ -72,18 +72,37 @@ def augment_config(preset: str, hflip: bool = False) -> AugmentConfig:
 class BatchAugment(nn.Module):
     """Random resized crop + rotation + shift (+ optional flip), brightness/contrast/gamma and
     optional blur and noise, on a float batch (N, 1, H, W) in [0, 1]; the output has the same
-    shape and range."""
+    shape and range.
+
+    After :meth:`seed`, the draws come from a dedicated generator (on the batch's device), so
+    they are a function of that seed alone: training seeds it per step, which makes a resumed
+    run augment exactly as an uninterrupted one. Unseeded, the global RNG is used."""
 
     def __init__(self, config: AugmentConfig | None = None) -> None:
         super().__init__()
         self.config = config or AugmentConfig()
+        self._seed: int | None = None
+        self._generator: torch.Generator | None = None
+
+    def seed(self, seed: int) -> None:
+        """Draw the next batches from a generator seeded with ``seed``."""
+        self._seed, self._generator = seed, None
+
+    def _start(self, device: torch.device) -> None:
+        if self._seed is not None and (self._generator is None or self._generator.device != device):
+            self._generator = torch.Generator(device=device).manual_seed(self._seed)
 
     def _uniform(self, n: int, low: float, high: float, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty(n, device=like.device, dtype=torch.float32).uniform_(low, high)
+        return torch.empty(n, device=like.device, dtype=torch.float32).uniform_(
+            low, high, generator=self._generator)
+
+    def _rand(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.rand(like.shape, device=like.device, dtype=like.dtype, generator=self._generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         n = x.shape[0]
+        self._start(x.device)
         area = self._uniform(n, *cfg.scale, x)
         log_ratio = self._uniform(n, math.log(cfg.ratio[0]), math.log(cfg.ratio[1]), x)
         aspect = torch.exp(log_ratio)
@@ -91,10 +110,10 @@ class BatchAugment(nn.Module):
         sx, sy = torch.sqrt(area * aspect).clamp(max=1.0), torch.sqrt(area / aspect).clamp(max=1.0)
         angle = self._uniform(n, -cfg.degrees, cfg.degrees, x) * (math.pi / 180.0)
         # The crop may sit anywhere inside the image, plus a small extra shift.
-        tx = (torch.rand_like(sx) * 2 - 1) * (1 - sx + 2 * cfg.translate)
-        ty = (torch.rand_like(sy) * 2 - 1) * (1 - sy + 2 * cfg.translate)
+        tx = (self._rand(sx) * 2 - 1) * (1 - sx + 2 * cfg.translate)
+        ty = (self._rand(sy) * 2 - 1) * (1 - sy + 2 * cfg.translate)
         if cfg.hflip:
-            sx = sx * torch.where(torch.rand_like(sx) < 0.5, -1.0, 1.0)
+            sx = sx * torch.where(self._rand(sx) < 0.5, -1.0, 1.0)
         cos, sin = torch.cos(angle), torch.sin(angle)
         theta = torch.stack([torch.stack([sx * cos, -sy * sin, tx], 1),
                              torch.stack([sx * sin, sy * cos, ty], 1)], 1)
@@ -112,7 +131,8 @@ class BatchAugment(nn.Module):
             out = self._blur(out, self._uniform(n, 0.0, cfg.blur * x.shape[-1] / 224, x))
         if cfg.noise > 0:
             std = self._uniform(n, 0.0, cfg.noise, x).view(n, 1, 1, 1).to(out.dtype)
-            out = (out + torch.randn_like(out) * std).clamp_(0.0, 1.0)
+            noise = torch.randn(out.shape, device=out.device, dtype=out.dtype, generator=self._generator)
+            out = (out + noise * std).clamp_(0.0, 1.0)
         return out
 
     @staticmethod

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from pneumoscope.config import DataConfig
 from pneumoscope.data.cache import SplitData, cached_images
@@ -18,8 +18,8 @@ from pneumoscope.data.splits import make_splits, subsample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SplitData", "XrayDataModule", "class_weights", "load_pneumoniamnist", "load_splits",
-           "to_model_input", "to_model_input_numpy"]
+__all__ = ["BalancedSampler", "SplitData", "XrayDataModule", "class_weights", "load_pneumoniamnist",
+           "load_splits", "to_model_input", "to_model_input_numpy"]
 
 NPZ_SPLITS = ("train", "val", "test")
 
@@ -128,14 +128,43 @@ def class_weights(labels: np.ndarray) -> tuple[float, float]:
     return float(n / (2 * counts[0])), float(n / (2 * counts[1]))
 
 
+class BalancedSampler(DistributedSampler):
+    """Class-balanced sampling with replacement (``weights`` per image), ``len(dataset)`` draws
+    per epoch shared out between ``num_replicas`` processes. Like its base class, the draws are
+    a function of ``seed + epoch`` (set by Lightning through ``set_epoch``)."""
+
+    def __init__(self, dataset: Dataset, weights: np.ndarray, *, num_replicas: int = 1,
+                 rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        draws = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g)
+        return iter(draws[self.rank:self.total_size:self.num_replicas].tolist())
+
+
 class XrayDataModule(L.LightningDataModule):
-    """Train/val loaders over decoded splits; class balance by sampler when configured."""
+    """Train/val loaders over decoded splits; class balance by sampler when configured.
+
+    The samplers are built here for every process count (Lightning's own sampler injection is
+    off, see :func:`pneumoscope.training.train.fit`): the training order is a function of
+    ``(seed, epoch)`` alone, so a run resumed at an epoch boundary sees the same batches as an
+    uninterrupted one; under DDP each process gets its share of the epoch (padded to equal
+    length, as training needs) and an unpadded share of validation, so validation scores
+    exactly the split's N images.
+    """
 
     def __init__(self, splits: dict[str, SplitData], config: DataConfig, seed: int = 0) -> None:
         super().__init__()
         self.splits = splits
         self.config = config
         self.seed = seed
+
+    def _replicas(self) -> tuple[int, int]:
+        """(number of processes, this process's rank); (1, 0) outside a trainer."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def _loader(self, dataset: Dataset, **kwargs: object) -> DataLoader:
         return DataLoader(dataset, batch_size=self.config.batch_size,
@@ -146,15 +175,25 @@ class XrayDataModule(L.LightningDataModule):
         cfg = self.config
         split = self.splits["train"]
         dataset = XrayDataset(split)
-        generator = torch.Generator().manual_seed(self.seed)
-        # Dropping a ragged last batch avoids a 1-image BatchNorm batch; tiny sets keep it.
-        drop_last = len(dataset) > cfg.batch_size
+        world, rank = self._replicas()
         if cfg.class_balance == "sampler":
             weights = np.array(class_weights(split.labels))[split.labels]
-            sampler = WeightedRandomSampler(weights.tolist(), num_samples=len(dataset),
-                                            replacement=True, generator=generator)
-            return self._loader(dataset, sampler=sampler, drop_last=drop_last)
-        return self._loader(dataset, shuffle=True, generator=generator, drop_last=drop_last)
+            sampler: DistributedSampler = BalancedSampler(dataset, weights, num_replicas=world,
+                                                          rank=rank, seed=self.seed)
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                         seed=self.seed)
+        # Dropping a ragged last batch avoids a 1-image BatchNorm batch; tiny sets keep it
+        # (per process: under DDP each one sees ~N/devices images).
+        return self._loader(dataset, sampler=sampler, drop_last=sampler.num_samples > cfg.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(XrayDataset(self.splits["val"]))
+        world, rank = self._replicas()
+        dataset = XrayDataset(self.splits["val"])
+        if world > 1:
+            if len(dataset) < world:
+                raise ValueError(f"{len(dataset)} validation image(s) cannot be shared between "
+                                 f"{world} processes: each needs at least one")
+            # Every image exactly once across the processes (no padding duplicates).
+            return self._loader(Subset(dataset, range(rank, len(dataset), world)))
+        return self._loader(dataset)

@@ -16,7 +16,7 @@ from pneumoscope.config import TrainConfig
 from pneumoscope.data.augment import BatchAugment
 from pneumoscope.evaluation.metrics import binary_metrics
 from pneumoscope.models.factory import XrayClassifier
-from pneumoscope.runs import append_epoch_row
+from pneumoscope.runs import append_epoch_row, drop_epoch_rows
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -53,10 +53,24 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).squeeze(1)
 
+    def step_seeds(self) -> tuple[int, int]:
+        """Seeds of this training step's randomness (dropout on the global RNG, augmentation on
+        its own generator): a function of (seed, rank, optimiser step) alone, so a run resumed
+        from a checkpoint draws exactly what the uninterrupted run drew, with no RNG state to
+        save, and the DDP processes augment differently."""
+        state = np.random.SeedSequence([self.config.seed, self.global_rank, self.global_step])
+        model_seed, augment_seed = state.generate_state(2)
+        return int(model_seed), int(augment_seed)
+
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor],
                                 dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Augment whole training batches on the device (validation and test stay untouched).
-        if self.augment is not None and self._trainer is not None and self.trainer.training:
+        if self._trainer is None or not self.trainer.training:
+            return batch  # validation and test stay untouched
+        model_seed, augment_seed = self.step_seeds()
+        torch.manual_seed(model_seed)
+        if self.augment is not None:
+            # Augment whole training batches on the device.
+            self.augment.seed(augment_seed)
             x, y = batch
             return self.augment(x), y
         return batch
@@ -94,11 +108,31 @@ class ClassifierModule(L.LightningModule):
         self._val_probs.append(torch.sigmoid(logits.float()).detach())
         self._val_labels.append(y.detach())
 
-    def on_validation_epoch_end(self) -> None:
-        probs = self.all_gather(torch.cat(self._val_probs)).reshape(-1).cpu().numpy()
-        labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1).cpu().numpy()
+    def on_validation_epoch_start(self) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # DDP keeps the parameters equal, but each process moved its BatchNorm statistics on
+            # its own last batch: score validation with rank 0's, the ones its checkpoint keeps.
+            # (DDP's forward broadcasts buffers too, on the first batch after a training step;
+            # done here it does not hang on that detail.)
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+    def _gathered_validation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and labels of the whole validation split. Under DDP each process scored
+        its own unpadded share (uneven lengths), so the shares are gathered as objects."""
+        probs = torch.cat(self._val_probs).float().cpu().numpy() if self._val_probs else np.empty(0)
+        labels = torch.cat(self._val_labels).cpu().numpy() if self._val_labels else np.empty(0)
         self._val_probs.clear()
         self._val_labels.clear()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return probs, labels
+        shares: list[tuple[np.ndarray, np.ndarray] | None] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(shares, (probs, labels))
+        return (np.concatenate([s[0] for s in shares if s is not None]),
+                np.concatenate([s[1] for s in shares if s is not None]))
+
+    def on_validation_epoch_end(self) -> None:
+        probs, labels = self._gathered_validation()
         if self.trainer.sanity_checking:
             return
         m = binary_metrics(labels.astype(int), np.clip(probs, 0.0, 1.0), 0.5)
@@ -115,6 +149,12 @@ class ClassifierModule(L.LightningModule):
                 self._append_epoch_row(epoch_row)
             if self.epoch_sink is not None:
                 self.epoch_sink(self.current_epoch, epoch_row)
+
+    def on_train_start(self) -> None:
+        # A run resumed from the checkpoint of epoch k-1 redoes epoch k: drop a row of epoch k
+        # (or later) that an interrupted run wrote after validation but before its checkpoint.
+        if self.epoch_log is not None and self.trainer.is_global_zero:
+            drop_epoch_rows(self.epoch_log, self.current_epoch)
 
     def _append_epoch_row(self, row: dict[str, object]) -> None:
         """One row per epoch in ``epochs.csv`` (see :func:`pneumoscope.runs.append_epoch_row`)."""

@@ -117,10 +117,15 @@ def fit(config: RunConfig, splits: dict[str, SplitData], *, resume: bool = False
     datamodule = XrayDataModule(splits, config.data, seed=tc.seed)
 
     checkpointing = ModelCheckpoint(dirpath=layout.checkpoints_dir, filename="best",
-                                    monitor="val_auc", mode="max", save_last=True,
-                                    enable_version_counter=False)
+                                    monitor="val_auc", mode="max", enable_version_counter=False)
+    # last.ckpt after every epoch, for --resume. (Lightning's save_last writes it only in the
+    # epochs that improve the monitored value, so a resume would redo every epoch since then.)
+    # A kill mid-epoch therefore restarts that epoch, which replays exactly: the data order is
+    # a function of (seed, epoch), the random draws of (seed, rank, step).
+    latest = ModelCheckpoint(dirpath=layout.checkpoints_dir, filename=layout.last_checkpoint.stem,
+                             save_top_k=1, enable_version_counter=False)
     all_callbacks: list[L.Callback] = [
-        checkpointing, EarlyStopping(monitor="val_auc", mode="max", patience=tc.patience),
+        checkpointing, latest, EarlyStopping(monitor="val_auc", mode="max", patience=tc.patience),
         *callbacks]
     if progress:
         all_callbacks.append(TQDMProgressBar(refresh_rate=10))
@@ -133,11 +138,20 @@ def fit(config: RunConfig, splits: dict[str, SplitData], *, resume: bool = False
         callbacks=all_callbacks, logger=False,
         enable_progress_bar=progress, enable_model_summary=False, deterministic=False,
         log_every_n_steps=10, num_sanity_val_steps=0, default_root_dir=layout.root,
+        # XrayDataModule shares the data out itself (unpadded validation, seeded order).
+        use_distributed_sampler=False,
     )
+    if trainer.world_size > 1 and trainer.is_global_zero:
+        log.info("DDP: %d processes x batch %d = %d images per optimiser step; train.lr %g is "
+                 "used as given (not scaled with the process count)", trainer.world_size,
+                 config.data.batch_size, trainer.world_size * config.data.batch_size, tc.lr)
     with warnings.catch_warnings():
         # Intended: augmentation lives in the module's on_after_batch_transfer.
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+        # Under DDP every process logs the same validation numbers (computed on all of it).
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
+        warnings.filterwarnings("ignore", message=".*It is recommended to use `self.log.*sync_dist=True")
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(layout.last_checkpoint) if resume else None)
     best = Path(checkpointing.best_model_path or layout.last_checkpoint)
