@@ -304,7 +304,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     report = check_dataset(args.root)
     print(format_report(report))
-    return 0
+    return 0 if report.ok else 1
 
 
 def cmd_models(_: argparse.Namespace) -> int:
@@ -601,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dest", default="data", help="folder to download into (default data)")
     d.add_argument("--url", help="override the download address")
     d.set_defaults(func=cmd_data_download)
-    d = data_sub.add_parser("check", help="count images/patients, find duplicates and bad files")
+    d = data_sub.add_parser("check", help="count images/patients, find duplicates and bad files "
+                            "(exit status 1 when it finds a problem)")
     d.add_argument("root", help="data folder")
     d.set_defaults(func=cmd_data_check)
 
