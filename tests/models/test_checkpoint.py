@@ -145,15 +145,55 @@ def plain_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            CheckpointInfo(model="resnet18", preprocessing=model.preprocessing))
 
 
-def _rewrite(path: Path, out: Path, *, meta: str | None = None, drop: str | None = None) -> Path:
+def _rewrite(path: Path, out: Path, *, meta: str | None = None, drop: str | None = None,
+             keep_digest: bool = False) -> Path:
+    """``path`` with other metadata or a tensor less. The digest is emptied (as in a file from
+    before it) unless ``keep_digest``, so each test reaches the check it is about."""
+    import json
+
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     with safe_open(str(path), framework="pt") as fh:
-        metadata = fh.metadata()
+        text = fh.metadata()["pneumoscope"] if meta is None else meta
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and not keep_digest:
+        parsed["digest"] = ""
+        text = json.dumps(parsed)
     tensors = {k: v for k, v in load_file(str(path)).items() if k != drop}
-    save_file(tensors, str(out), metadata={"pneumoscope": metadata["pneumoscope"] if meta is None else meta})
+    save_file(tensors, str(out), metadata={"pneumoscope": text})
     return out
+
+
+def test_a_file_changed_after_saving_is_refused_by_its_digest(tmp_path: Path, plain_file: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    assert len(read_info(plain_file).digest) == 64
+    load_checkpoint(plain_file)  # the digest matches what was saved
+    # One weight nudged: finite, plausible, wrong. Only the digest can tell.
+    tensors = load_file(str(plain_file))
+    tensors["backbone.layer1.0.conv1.weight"][0, 0, 0, 0] += 1e-3
+    with safe_open(str(plain_file), framework="pt") as fh:
+        meta = fh.metadata()
+    save_file(tensors, str(tmp_path / "nudged.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="damaged: its weights or metadata differ"):
+        load_checkpoint(tmp_path / "nudged.safetensors")
+    # The threshold edited by hand (a valid value): refused, pointing at calibrate.
+    edited = json.loads(meta["pneumoscope"])
+    edited["threshold"] = 0.7
+    _rewrite(plain_file, tmp_path / "edited.safetensors", meta=json.dumps(edited), keep_digest=True)
+    with pytest.raises(CheckpointError, match="pneumoscope calibrate"):
+        load_checkpoint(tmp_path / "edited.safetensors")
+    # A file from before the digest (none stored) loads as before.
+    _rewrite(plain_file, tmp_path / "old.safetensors")
+    assert read_info(tmp_path / "old.safetensors").digest == ""
+    load_checkpoint(tmp_path / "old.safetensors")
 
 
 @pytest.mark.parametrize(("meta", "drop", "message"), [
@@ -200,6 +240,7 @@ def test_damaged_weights_are_refused_not_turned_into_nan_labels(tmp_path: Path) 
         meta = fh.metadata()
     tensors = load_file(str(path))
     tensors["backbone.fc.weight"][0, :4] = float("nan")
+    meta["pneumoscope"] = meta["pneumoscope"].replace(read_info(path).digest, "")  # no digest: as before it
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="non-finite values"):
         load_checkpoint(tmp_path / "bad.safetensors")

@@ -558,6 +558,14 @@ def _nan_bytes(data: bytearray) -> None:
     data[mid:mid + 64] = b"\xff" * 64  # NaN as float32
 
 
+def _finite_flips(data: bytearray) -> None:
+    """64 weights' lowest mantissa byte flipped: finite, plausible, wrong (only a digest tells)."""
+    header = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
+    start = header + ((len(data) - header) // 2) // 4 * 4
+    for i in range(64):
+        data[start + 4 * i] ^= 0x5A
+
+
 def _meta(change: Callable[[dict], object]) -> Callable[[Path, Path], None]:
     return lambda src, dst: _retag(src, dst, change)
 
@@ -565,6 +573,8 @@ def _meta(change: Callable[[dict], object]) -> Callable[[Path, Path], None]:
 TAMPERED: dict[str, Callable[[Path, Path], None]] = {
     "flipped_header_bytes": _bytes(lambda d: d.__setitem__(slice(0, 8), b"\xff" * 8)),
     "flipped_weight_bytes_nan": _bytes(_nan_bytes),
+    "flipped_weight_bytes_finite": _bytes(_finite_flips),
+    "threshold_edited_valid": _meta(_set("threshold", 0.7)),
     "truncated": _bytes(lambda d: d.__delitem__(slice(len(d) // 2, None))),
     "not_safetensors": _bytes(lambda d: d.__setitem__(slice(None), b"PK\x03\x04 a zip, not a model")),
     "threshold_nan": _meta(_set("threshold", float("nan"))),

@@ -13,6 +13,7 @@ the model when it is loaded. Files written before these fields existed load with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -63,6 +64,11 @@ class CheckpointInfo:
     gate: dict[str, Any] | None = None
     """The input gate's metadata (:mod:`pneumoscope.guard`), its tensors stored under
     ``gate.`` in the same file; ``None``: no gate fitted (files from before the gate)."""
+    digest: str = ""
+    """BLAKE2b of the rest of the metadata and of every tensor, written by
+    :func:`save_checkpoint` and checked by :func:`load_checkpoint`: a file damaged on disk or in
+    transfer (a flipped byte in a weight gives finite nonsense, not NaN) is refused. Integrity,
+    not authenticity: whoever edits the file can recompute it. Empty in files from before it."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -139,7 +145,7 @@ def _check_info_fields(fields: dict[str, Any]) -> None:
         raise ValueError(f"checkpoint field model must be a registry name, got {_short(fields['model'])}")
     _number(fields, "threshold", 0.0, 1.0)
     _number(fields, "temperature", 1e-3, 1e3)
-    for key in ("threshold_method", "timm_name", "version", "created"):
+    for key in ("threshold_method", "timm_name", "version", "created", "digest"):
         _typed(fields, key, str, "a string")
     for key in ("metrics", "config"):
         _typed(fields, key, dict, "a mapping")
@@ -202,6 +208,17 @@ def _check_preprocessing(pre: Any) -> None:
                              f"one this version implements), got {_short(pre[key])}")
 
 
+def content_digest(info: CheckpointInfo, tensors: dict[str, torch.Tensor]) -> str:
+    """:attr:`CheckpointInfo.digest` of ``info`` (its own digest left out) and ``tensors``."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(json.dumps(replace(info, digest="").to_dict(), sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 EXTRA_PREFIXES: tuple[str, ...] = ("gate.",)
 """Tensor-name prefixes of the parts of a model file that are not the classifier's weights."""
 
@@ -227,6 +244,7 @@ def save_checkpoint(path: str | Path, model: XrayClassifier, info: CheckpointInf
         if not key.startswith(EXTRA_PREFIXES) or key in tensors:
             raise ValueError(f"extra tensor {key!r} must start with one of {EXTRA_PREFIXES}")
         tensors[key] = value.detach().cpu().contiguous()
+    info = replace(info, digest=content_digest(info, tensors))
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(info.to_dict())})
     tmp.replace(path)
@@ -281,6 +299,10 @@ def load_checkpoint(
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable weights ({exc})") from exc
+    if info.digest and content_digest(info, tensors) != info.digest:
+        raise CheckpointError(f"{path}: the file is damaged: its weights or metadata differ from what "
+                              "was saved (checkpoint field digest); to change a threshold or "
+                              "temperature use `pneumoscope calibrate`, which writes a new file")
     state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIXES)}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # a damaged file: NaN weights give NaN probabilities
