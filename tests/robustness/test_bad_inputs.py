@@ -629,6 +629,29 @@ def test_tampered_model_files_fail_in_one_line_naming_the_file(
     assert not (tmp_path / "r.csv").exists()  # nothing that looks like an answer
 
 
+ISSUE_CASES = ("threshold_abc", "image_size_big", "metadata_list", "unknown_field", "model_mismatch",
+               "tensor_missing", "image_size_1000000")
+"""The issue's own list, through every other command that reads a model file."""
+
+
+@pytest.mark.parametrize("command", ["evaluate", "explain", "export"])
+def test_other_commands_fail_in_one_line_on_the_issues_cases(
+        command: str, tampered: dict[str, Path], corpus: dict[str, Path], kermany_tree: Path,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ISSUE_CASES:
+        path = tampered[name]
+        argv = {"evaluate": ["evaluate", str(path), "--data", str(kermany_tree), "--out",
+                             str(tmp_path / "eval"), "--n-bootstrap", "10"],
+                "explain": ["explain", str(path), str(corpus["good.png"]), "--out", str(tmp_path / "cams")],
+                "export": ["export", str(path), "--out", str(tmp_path / "m.onnx")]}[command]
+        assert main(argv) == 2, (command, name)
+        err = capsys.readouterr().err
+        _no_traceback(err)
+        lines = [line for line in err.splitlines() if line.startswith("pneumoscope: error:")]
+        assert len(lines) == 1 and str(path) in lines[0], (name, err)
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "cams").exists()
+
+
 def test_the_untampered_model_still_loads(tiny_model: Path) -> None:
     assert read_info(tiny_model).threshold == pytest.approx(0.4)
 
