@@ -190,6 +190,7 @@ CASES: tuple[Case, ...] = (
     Case("good.dcm", _dicom(), "label"),
     Case("dicom_monochrome1.dcm", _dicom(photometric="MONOCHROME1"), "label"),
     Case("png16.png", lambda: _png(_film(13).astype(np.uint16) * 257), "label"),
+    Case("alpha_reference.png", lambda: _png(_film(2)), "label"),  # the alpha cases' film, no alpha
     Case("rgba_opaque.png", lambda: _alpha("RGBA", 255), "label"),
     Case("rgba_half_transparent.png", lambda: _alpha("RGBA", 128), "label"),
     Case("la.png", lambda: _alpha("LA", 200), "label"),
@@ -407,6 +408,14 @@ def test_each_kind_ends_as_expected(case: Case, folder_run: Run, named_run: Run)
     assert folder_run.rows[case.name]["prob_pneumonia"] == named_run.rows[case.name]["prob_pneumonia"] \
         or (folder_run.rows[case.name]["prob_pneumonia"] is None) == (
             named_run.rows[case.name]["prob_pneumonia"] is None)
+
+
+def test_alpha_does_not_change_the_probability(named_run: Run) -> None:
+    """Item 12: the same stored film with an alpha channel (opaque, half or mostly transparent)
+    gets the probability of the film without one."""
+    reference = named_run.rows["alpha_reference.png"]["prob_pneumonia"]
+    for name in ("rgba_opaque.png", "rgba_half_transparent.png", "la.png"):
+        assert named_run.rows[name]["prob_pneumonia"] == reference, name
 
 
 def test_a_real_process_prints_no_traceback(tiny_model: Path, corpus: dict[str, Path],
