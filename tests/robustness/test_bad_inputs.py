@@ -40,7 +40,7 @@ from PIL import Image
 pydicom = pytest.importorskip("pydicom")
 
 import pneumoscope  # noqa: E402
-from conftest import write_broken_jpeg2000_dicom, write_dicom  # noqa: E402
+from conftest import write_broken_jpeg2000_dicom, write_compressed_dicom, write_dicom  # noqa: E402
 from pneumoscope import CLASS_NAMES  # noqa: E402
 from pneumoscope.cli import main  # noqa: E402
 from pneumoscope.data.synthetic import make_phantom  # noqa: E402
@@ -239,6 +239,9 @@ CASES: tuple[Case, ...] = (
     Case("dicom_wrong_bits.dcm", _dicom_wrong_bits, "error"),
     Case("dicom_short_pixel_data.dcm", _dicom_short_pixels, "error"),
     Case("dicom_jpeg2000_undecodable.dcm", write_broken_jpeg2000_dicom, "error"),
+    # JPEG-LS needs a plugin (pylibjpeg / pyjpegls) that is not a dependency: no decoder at all.
+    Case("dicom_jpegls_no_decoder.dcm", lambda p: write_compressed_dicom(  # type: ignore[misc]
+        p, pydicom.uid.JPEGLSLossless, b"\xff\xd8\xff\xf7" + b"\0" * 40), "error"),
     Case("dicom_multiframe.dcm", _dicom(pixels=np.zeros((2, SIDE, SIDE), np.uint16), frames=2), "error"),
     Case("dicom_rgb.dcm", _dicom(pixels=np.zeros((SIDE, SIDE, 3), np.uint16), photometric="RGB",
                                  samples=3), "error"),
