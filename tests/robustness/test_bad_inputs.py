@@ -288,9 +288,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @contextlib.contextmanager
 def _logging_restored() -> Iterator[None]:
     """``main`` installs a root log handler on the sys.stderr of the moment (a capture that is
-    closed after the test): put the previous handlers back, so later log lines have a live stream."""
+    closed after the test) and sets the root level: put both back afterwards."""
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    # A handler left by an earlier test's ``main`` may write to a capture closed since: logging
+    # would print its own "--- Logging error ---" traceback for every line.
+    handlers = [h for h in root.handlers if not getattr(getattr(h, "stream", None), "closed", False)]
+    level = root.level
+    root.handlers[:] = handlers
+    root.setLevel(logging.INFO)  # as `pneumoscope` without --verbose (an earlier test may have set DEBUG)
     try:
         yield
     finally:
@@ -395,7 +400,6 @@ def test_folder_scan_gives_one_row_per_file_and_no_traceback(folder_run: Run) ->
     _no_traceback(folder_run.err)
     assert folder_run.rc == 1  # some files failed: said by the exit status, not by a crash
     assert folder_run.n_rows == len(CASES) and set(folder_run.rows) == {c.name for c in CASES}
-    assert f"{len(CASES)} file(s)" in folder_run.out
 
 
 def test_every_file_named_gives_its_row(named_run: Run) -> None:
