@@ -71,3 +71,25 @@ def write_dicom(path: Path, pixels: np.ndarray | None, *, photometric: str = "MO
     else:
         ds.save_as(path, write_like_original=False)
     return path
+
+
+def write_broken_jpeg2000_dicom(path: Path) -> Path:
+    """A DICOM whose transfer syntax is JPEG 2000 and whose one fragment is not a valid
+    codestream: every pixel decoder plugin fails on it."""
+    from pydicom.uid import JPEG2000Lossless
+
+    return write_compressed_dicom(path, JPEG2000Lossless, b"\xff\x4f\xff\x51" + b"\0" * 40)  # SOC + short SIZ
+
+
+def write_compressed_dicom(path: Path, transfer_syntax: str, fragment: bytes) -> Path:
+    """A DICOM whose pixel data is one encapsulated ``fragment`` under ``transfer_syntax``."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.encaps import encapsulate
+
+    write_dicom(path, np.zeros((16, 16), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.PixelData = encapsulate([fragment])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path

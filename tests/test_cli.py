@@ -84,6 +84,30 @@ def test_bad_input_exits_2_with_a_message(argv: list[str], message: str,
     assert message in capsys.readouterr().err
 
 
+def test_a_bug_is_one_line_or_its_traceback_with_verbose(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import pneumoscope.cli as cli
+
+    def broken(_: object) -> int:
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_models", broken)
+    assert main(["models"]) == cli.EXIT_BUG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "internal error: ZeroDivisionError: division by zero second line" in err
+    assert "--verbose" in err
+    with pytest.raises(ZeroDivisionError):
+        main(["--verbose", "models"])
+
+
+def test_verbose_logs_the_traceback_of_a_user_error(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--verbose", "evaluate", "/no/model.safetensors", "--data", "."]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("checkpoint not found: /no/model.safetensors")
+
+
 @pytest.mark.parametrize(("flag", "augment"), [("texture", "texture"), ("none", "none"), (None, "light")])
 def test_augment_flag_sets_the_preset(flag: str | None, augment: str) -> None:
     from pneumoscope.cli import _config_from_args, build_parser
@@ -196,3 +220,14 @@ def test_predict_survives_kill_9_and_resumes(tmp_path: Path) -> None:
     paths = [r["path"] for r in rows]
     assert len(paths) == n and len(set(paths)) == n
     assert all(r["prob_pneumonia"] and not r["error"] for r in rows)
+
+
+def test_data_check_exits_1_when_it_finds_problems(kermany_tree: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(kermany_tree / "test", root / "test")
+    (root / "test" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff not really")
+    assert main(["data", "check", str(root)]) == 1
+    assert "PROBLEMS FOUND" in capsys.readouterr().out

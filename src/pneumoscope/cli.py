@@ -312,7 +312,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     report = check_dataset(args.root)
     print(format_report(report))
-    return 0
+    return 0 if report.ok else 1
 
 
 def cmd_models(_: argparse.Namespace) -> int:
@@ -670,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dest", default="data", help="folder to download into (default data)")
     d.add_argument("--url", help="override the download address")
     d.set_defaults(func=cmd_data_download)
-    d = data_sub.add_parser("check", help="count images/patients, find duplicates and bad files")
+    d = data_sub.add_parser("check", help="count images/patients, find duplicates and bad files "
+                            "(exit status 1 when it finds a problem)")
     d.add_argument("root", help="data folder")
     d.set_defaults(func=cmd_data_check)
 
@@ -679,33 +680,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pneumoscope`` command."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logs.configure(args.verbose)
-    if argv is None:  # the console script: a whole process of ours
-        keep_freed_memory()
+EXIT_ERROR = 2
+"""Exit status of a user-facing failure (bad argument, file, model file, data folder)."""
+EXIT_BUG = 3
+"""Exit status of an unexpected exception: a bug in PneumoScope or a library."""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's input's fault and print as one line. ``OSError``
+    covers missing, unreadable and unwritable paths (its message names the path); the
+    project's own types (:class:`~pneumoscope.models.checkpoint.CheckpointError`,
+    :class:`~pneumoscope.data.decode.ImageDecodeError`) are ``ValueError``s."""
     from pneumoscope.data.decode import ImageDecodeError
+    from pneumoscope.models.checkpoint import CheckpointError
     from pneumoscope.models.factory import WeightsUnavailableError
 
     expected: tuple[type[BaseException], ...] = (
-        ValueError, KeyError, FileNotFoundError, FileExistsError, WeightsUnavailableError,
-        ImageDecodeError, ModuleNotFoundError)
+        ValueError, KeyError, OSError, WeightsUnavailableError, ImageDecodeError, CheckpointError,
+        ModuleNotFoundError)
     try:
         from pneumoscope.data.download import DownloadError
 
         expected += (DownloadError,)
     except ImportError:
         pass
+    return expected
+
+
+def _one_line(exc: BaseException) -> str:
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(str(message).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pneumoscope`` command.
+
+    A failure caused by the input (an argument, an image, a model file, a data folder) prints
+    one line, ``pneumoscope: error: ...`` naming the file and what is wrong, and exits 2. Any
+    other exception is a bug: one line saying so (exit 3), or the full traceback with
+    ``--verbose``. ``--verbose`` also logs the traceback of the one-line errors.
+    """
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logs.configure(args.verbose)
+    if argv is None:  # the console script: a whole process of ours
+        keep_freed_memory()
+    expected = _expected_errors()
     try:
         return args.func(args)
     except expected as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"pneumoscope: error: {message}", file=sys.stderr)
-        return 2
+        log.debug("traceback of the error below", exc_info=True)
+        print(f"pneumoscope: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("pneumoscope: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"pneumoscope: internal error: {type(exc).__name__}: {_one_line(exc)[:500]} "
+              "(a bug: rerun with --verbose for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.data.decode import ImageDecodeError, decode_image, load_grayscale, resize_square
+from pneumoscope.data.decode import (
+    SUPPORTED_FORMATS,
+    ImageDecodeError,
+    decode_image,
+    load_grayscale,
+    resize_square,
+    sniff_format,
+)
 
 GRADIENT = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (32, 1))  # 32 x 64
 
@@ -117,3 +124,94 @@ def test_decode_image_names_bytes_in_errors() -> None:
         decode_image(b"not an image", name="upload.png")
     with pytest.raises(ImageDecodeError, match=r"^<bytes>: "):
         decode_image(b"not an image")
+
+
+OTHER_FORMATS = [("GIF", "GIF", {}), ("BMP", "BMP", {}), ("TIFF", "TIFF", {}),
+                 ("WEBP", "WebP", {"lossless": True}), ("JPEG2000", "JPEG 2000", {})]
+
+
+@pytest.mark.parametrize(("pil_format", "named", "kw"), OTHER_FORMATS)
+def test_only_jpeg_png_and_dicom_are_read_whatever_the_name(
+        tmp_path: Path, pil_format: str, named: str, kw: dict) -> None:
+    from PIL import features
+
+    if pil_format in ("WEBP", "JPEG2000") and not features.check(
+            {"WEBP": "webp", "JPEG2000": "jpg_2000"}[pil_format]):
+        pytest.skip(f"this Pillow cannot write {pil_format}")
+    buf = io.BytesIO()
+    Image.fromarray(GRADIENT, "L").save(buf, format=pil_format, **kw)
+    assert Image.open(io.BytesIO(buf.getvalue())).format is not None  # Pillow itself reads it
+    path = tmp_path / "renamed.png"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(ImageDecodeError, match=rf"renamed\.png: unsupported file type {named} "
+                       r"\(PneumoScope reads JPEG, PNG, DICOM"):
+        decode_image(path)
+    assert sniff_format(buf.getvalue()) is None
+
+
+@pytest.mark.parametrize("pil_format", ["PNG", "JPEG"])
+def test_sniff_format_agrees_with_pillow(pil_format: str) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(GRADIENT, "L").save(buf, format=pil_format)
+    assert sniff_format(buf.getvalue()) == Image.open(buf).format == pil_format
+
+
+def test_the_service_uses_the_decoders_rule() -> None:
+    from pneumoscope.serve import upload
+
+    assert upload.sniff_type is sniff_format
+    assert upload.SUPPORTED_TYPES == SUPPORTED_FORMATS == ("JPEG", "PNG", "DICOM")
+
+
+FILM = np.tile(np.linspace(10, 240, 48).astype(np.uint8), (40, 1))  # 40 x 48, no zeros
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _with_alpha(gray: np.ndarray, alpha: np.ndarray, mode: str) -> Image.Image:
+    if mode == "LA":
+        return Image.fromarray(np.stack([gray, alpha], axis=-1), "LA")
+    return Image.fromarray(np.stack([gray, gray, gray, alpha], axis=-1), "RGBA")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_does_not_change_the_visible_film(mode: str) -> None:
+    plain = decode_image(_png(Image.fromarray(FILM, "L"))).gray
+    opaque = decode_image(_png(_with_alpha(FILM, np.full_like(FILM, 255), mode)))
+    np.testing.assert_array_equal(opaque.gray, plain)  # fully opaque == without alpha
+    assert opaque.channel_spread == 0.0
+    # Semi-transparent everywhere (the case): the stored values, not scaled by alpha.
+    half = decode_image(_png(_with_alpha(FILM, np.full_like(FILM, 128), mode))).gray
+    np.testing.assert_array_equal(half, plain)
+    # Fully transparent pixels have no defined value: black (background), whatever is stored.
+    alpha = np.full_like(FILM, 255)
+    alpha[:, :8] = 0
+    holed = decode_image(_png(_with_alpha(FILM, alpha, mode))).gray
+    assert (holed[:, :8] == 0).all()
+    np.testing.assert_array_equal(holed[:, 8:], plain[:, 8:])
+
+
+def test_rgba_with_colour_hidden_under_transparency_is_not_colour() -> None:
+    rgba = np.zeros((40, 48, 4), np.uint8)
+    rgba[..., :3] = FILM[..., None]
+    rgba[:, :8, :3] = (255, 0, 0)  # red, but fully transparent
+    rgba[:, 8:, 3] = 255
+    decoded = decode_image(_png(Image.fromarray(rgba, "RGBA")))
+    assert decoded.channel_spread == 0.0 and (decoded.gray[:, :8] == 0).all()
+
+
+def test_palette_with_a_transparent_entry() -> None:
+    img = Image.fromarray(FILM, "L").convert("P")
+    idx = np.asarray(img).copy()
+    idx[:, :8] = 0
+    pal = Image.fromarray(idx, "P")
+    pal.putpalette(img.getpalette())
+    opaque = decode_image(_png(pal)).gray
+    pal.info["transparency"] = 0
+    transparent = decode_image(_png(pal)).gray
+    assert (transparent[:, :8] == 0).all()
+    np.testing.assert_array_equal(transparent[:, 8:], opaque[:, 8:])

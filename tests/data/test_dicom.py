@@ -101,3 +101,24 @@ def test_missing_pydicom_gives_an_install_hint(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "pydicom", None)
     with pytest.raises(ImageDecodeError, match=r"pneumoscope\[dicom\]"):
         load_grayscale(path)
+
+
+def test_undecodable_compressed_pixels_are_one_line_and_log_no_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from conftest import write_broken_jpeg2000_dicom
+
+    path = write_broken_jpeg2000_dicom(tmp_path / "j2k.dcm")
+    caplog.set_level(logging.INFO)
+    with pytest.raises(ImageDecodeError, match=r"j2k\.dcm: cannot decode DICOM pixel data "
+                       r"\(transfer syntax JPEG 2000") as info:
+        load_grayscale(path)
+    assert "\n" not in str(info.value)
+    assert not [r for r in caplog.records if r.exc_info], "pydicom logged a traceback"
+    # With debug logging (--verbose) the plugin's traceback is kept, for a bug report.
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ImageDecodeError):
+        load_grayscale(path)
+    if any(r.name.startswith("pydicom") for r in caplog.records):  # a plugin was tried
+        assert [r for r in caplog.records if r.exc_info]

@@ -436,3 +436,46 @@ def test_check_dataset_missing_class_folder_and_missing_root(tmp_path: Path):
     assert report.empty_class_folders == ("PNEUMONIA (missing)",)
     with pytest.raises(FileNotFoundError, match="nope"):
         check_dataset(tmp_path / "nope")
+
+
+def _unpack_local(tmp_path: Path, extra: dict[str, bytes]) -> Path:
+    """``download_kermany`` on a zip already in the destination (no network)."""
+    dest = tmp_path / "data"
+    dest.mkdir()
+    make_zip(dest / ZIP, extra=extra)
+    return download_kermany(dest, expected_size=None, sha256=None, progress=False)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    # Two members equal but for case: on a case-insensitive disk one overwrites the other, and
+    # the split folder is lower-cased on extraction anyway.
+    ({"chest_xray/train/NORMAL/im-0001-0001.JPEG": jpeg_bytes(7)}, "differ only in case"),
+    ({"chest_xray/TRAIN/NORMAL/IM-0001-0001.jpeg": jpeg_bytes(7)}, "differ only in case"),
+    # A file and a folder of the same name.
+    ({"chest_xray/train/NORMAL/IM-0001-0001.jpeg/x.jpeg": jpeg_bytes(7)}, "is a file, and a folder"),
+    ({"chest_xray/train/NORMAL/sub": jpeg_bytes(7), "chest_xray/train/NORMAL/SUB/x.jpeg": jpeg_bytes(8)},
+     "is a file, and a folder"),
+])
+def test_members_that_would_overwrite_each_other_are_refused(tmp_path: Path, extra: dict[str, bytes],
+                                                             message: str) -> None:
+    with pytest.raises(ArchiveError, match=message) as info:
+        _unpack_local(tmp_path, extra)
+    assert ZIP in str(info.value)
+    assert not (tmp_path / "data" / "chest_xray").exists()
+    assert not (tmp_path / "data" / ".chest_xray.partial").exists()
+
+
+def test_zip_bomb_is_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 64 MiB of zeros deflates to ~64 KiB; the cap is lowered so the test stays small.
+    monkeypatch.setattr(dl, "MAX_UNCOMPRESSED_BYTES", 32 * 2**20)
+    dest = tmp_path / "data"
+    dest.mkdir()
+    make_zip(dest / ZIP)
+    with zipfile.ZipFile(dest / ZIP, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("chest_xray/train/NORMAL/IM-0999-0001.jpeg", bytes(64 * 2**20))
+    assert (dest / ZIP).stat().st_size < 2**20
+    with pytest.raises(ArchiveError, match=r"unpack to \d+ bytes, above the limit of 33554432"):
+        download_kermany(dest, expected_size=None, sha256=None, progress=False)
+    assert not (dest / "chest_xray").exists() and not (dest / ".chest_xray.partial").exists()
+    monkeypatch.setattr(dl, "MAX_UNCOMPRESSED_BYTES", 128 * 2**20)
+    assert download_kermany(dest, expected_size=None, sha256=None, progress=False).is_dir()

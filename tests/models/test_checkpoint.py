@@ -7,6 +7,7 @@ import torch
 
 from pneumoscope import CLASS_NAMES
 from pneumoscope.models.checkpoint import (
+    CheckpointError,
     CheckpointInfo,
     load_checkpoint,
     read_info,
@@ -105,25 +106,127 @@ def test_temperature_must_match_and_be_positive(tmp_path: Path) -> None:
     ("bogus", 1, "unknown field"),
     ("preprocessing.std", [0.0, 0.2, 0.2], "preprocessing.std must be finite numbers > 0"),
     ("preprocessing.image_size", 1_000_000, "image_size must be an integer in 16..1024"),
+    # Wrong types end as one message naming the field, never a TypeError from deep inside.
+    ("threshold", "abc", "threshold must be a finite number in .* got 'abc'"),
+    ("preprocessing.image_size", "big", "image_size must be an integer in 16..1024, got 'big'"),
+    ("preprocessing.in_chans", 7, "in_chans must be 1 or 3"),
+    ("preprocessing.mean", [0.5, 0.5], r"preprocessing\.mean must be finite numbers, one or in_chans"),
+    ("preprocessing.resize", "crop", "resize must be 'squash-bicubic'"),
+    ("preprocessing.extra", 1, r"preprocessing has unknown field\(s\) \['extra'\]"),
+    ("provenance", 5, "provenance must be a list of mappings"),
+    ("abstain_band", "ab", "abstain_band must be null or two numbers"),
+    ("metrics", "x", "metrics must be a mapping"),
+    ("threshold_method", ["x"], "threshold_method must be a string"),
+    ("gate", "x", "gate must be a mapping or null"),
+    ("arch_kwargs", {"bn_eps": "abc"}, r"arch_kwargs\.bn_eps must be a number"),
+    ("model", "resnet19", "field model: unknown model 'resnet19'"),
+    ("model", "efficientnet_b0", "its tensors do not fit model 'efficientnet_b0'"),
 ])
 def test_metadata_that_would_give_wrong_answers_is_refused_on_load(
-        tmp_path: Path, field: str, value: object, message: str) -> None:
+        tmp_path: Path, plain_file: Path, field: str, value: object, message: str) -> None:
     import json
 
-    from safetensors.torch import load_file, save_file
-
-    model = build_model("resnet18", "none", image_size=32)
-    path = save_checkpoint(tmp_path / "m.safetensors", model,
-                           CheckpointInfo(model="resnet18", preprocessing=model.preprocessing))
-    meta = read_info(path).to_dict()
+    meta = read_info(plain_file).to_dict()
     if field.startswith("preprocessing."):
         meta["preprocessing"][field.split(".", 1)[1]] = value
     else:
         meta[field] = value
-    bad = tmp_path / "bad.safetensors"
-    save_file(load_file(str(path)), str(bad), metadata={"pneumoscope": json.dumps(meta)})
-    with pytest.raises(ValueError, match=message):
+    bad = _rewrite(plain_file, tmp_path / "bad.safetensors", meta=json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message) as info:
         load_checkpoint(bad)
+    assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def plain_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid resnet18 model file at 32 px, written once for the tests that tamper with it."""
+    model = build_model("resnet18", "none", image_size=32)
+    return save_checkpoint(tmp_path_factory.mktemp("plain") / "m.safetensors", model,
+                           CheckpointInfo(model="resnet18", preprocessing=model.preprocessing))
+
+
+def _rewrite(path: Path, out: Path, *, meta: str | None = None, drop: str | None = None,
+             keep_digest: bool = False) -> Path:
+    """``path`` with other metadata or a tensor less. The digest is emptied (as in a file from
+    before it) unless ``keep_digest``, so each test reaches the check it is about."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        text = fh.metadata()["pneumoscope"] if meta is None else meta
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and not keep_digest:
+        parsed["digest"] = ""
+        text = json.dumps(parsed)
+    tensors = {k: v for k, v in load_file(str(path)).items() if k != drop}
+    save_file(tensors, str(out), metadata={"pneumoscope": text})
+    return out
+
+
+def test_a_file_changed_after_saving_is_refused_by_its_digest(tmp_path: Path, plain_file: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    assert len(read_info(plain_file).digest) == 64
+    load_checkpoint(plain_file)  # the digest matches what was saved
+    # One weight nudged: finite, plausible, wrong. Only the digest can tell.
+    tensors = load_file(str(plain_file))
+    tensors["backbone.layer1.0.conv1.weight"][0, 0, 0, 0] += 1e-3
+    with safe_open(str(plain_file), framework="pt") as fh:
+        meta = fh.metadata()
+    save_file(tensors, str(tmp_path / "nudged.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="damaged: its weights or metadata differ"):
+        load_checkpoint(tmp_path / "nudged.safetensors")
+    # The threshold edited by hand (a valid value): refused, pointing at calibrate.
+    edited = json.loads(meta["pneumoscope"])
+    edited["threshold"] = 0.7
+    _rewrite(plain_file, tmp_path / "edited.safetensors", meta=json.dumps(edited), keep_digest=True)
+    with pytest.raises(CheckpointError, match="pneumoscope calibrate"):
+        load_checkpoint(tmp_path / "edited.safetensors")
+    # A file from before the digest (none stored) loads as before.
+    _rewrite(plain_file, tmp_path / "old.safetensors")
+    assert read_info(tmp_path / "old.safetensors").digest == ""
+    load_checkpoint(tmp_path / "old.safetensors")
+
+
+@pytest.mark.parametrize(("meta", "drop", "message"), [
+    ("[1, 2]", None, "metadata must be a JSON object, got list"),
+    ("{not json", None, "unreadable PneumoScope metadata"),
+    (None, "backbone.fc.weight", r"its tensors do not fit model 'resnet18' .*Missing key.*fc\.weight"),
+])
+def test_unusable_files_name_the_file(tmp_path: Path, plain_file: Path, meta: str | None,
+                                      drop: str | None, message: str) -> None:
+    bad = _rewrite(plain_file, tmp_path / "bad.safetensors", meta=meta, drop=drop)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(bad)
+    assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("gate", "message"), [
+    ({"format": "pneumoscope-gate/1", "state": "not-fitted", "tolerances": "abc"},
+     "tolerances must be a mapping"),
+    ({"format": "pneumoscope-gate/1", "state": "fitted", "levels": {"warn": 1, "refuse": 2},
+      "feature_spec": {"timm_kwargs": {"checkpoint_path": "/etc/passwd"}}, "image_size": 32,
+      "n_fitted": 3, "dim": 3}, r"feature_spec\.timm_kwargs may only hold"),
+])
+def test_a_damaged_gate_is_refused_naming_the_file(tmp_path: Path, plain_file: Path, gate: dict,
+                                                   message: str) -> None:
+    import json
+
+    from pneumoscope.guard.model_file import load_gate
+
+    meta = read_info(plain_file).to_dict()
+    meta["gate"] = gate
+    bad = _rewrite(plain_file, tmp_path / "bad.safetensors", meta=json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"^{bad}: checkpoint field gate: .*{message}"):
+        load_gate(bad)
 
 
 def test_damaged_weights_are_refused_not_turned_into_nan_labels(tmp_path: Path) -> None:
@@ -137,6 +240,7 @@ def test_damaged_weights_are_refused_not_turned_into_nan_labels(tmp_path: Path) 
         meta = fh.metadata()
     tensors = load_file(str(path))
     tensors["backbone.fc.weight"][0, :4] = float("nan")
+    meta["pneumoscope"] = meta["pneumoscope"].replace(read_info(path).digest, "")  # no digest: as before it
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="non-finite values"):
         load_checkpoint(tmp_path / "bad.safetensors")

@@ -7,8 +7,19 @@ preprocessing history instead of the lungs). :func:`decode_image` also keeps the
 about the source that the grey pixels lose and the input gate (:mod:`pneumoscope.guard`)
 needs: its size, how coloured it was, and its DICOM tags.
 
-The format is decided by content, never by the file name: DICOM by its ``DICM`` magic at byte
-128 (read with pydicom, the ``dicom`` extra), everything else by Pillow.
+The format is decided by content, never by the file name, and one rule says which formats are
+accepted, for every command and the web service alike (:data:`SUPPORTED_FORMATS`): DICOM by
+its ``DICM`` magic at byte 128 (read with pydicom, the ``dicom`` extra), PNG and JPEG by their
+signatures (read with Pillow, which is told to open nothing else). GIF, BMP, TIFF, WebP,
+JPEG 2000 files and the rest of Pillow's formats are refused, whatever their name: they are
+not how radiographs are exported, and each extra parser is more code reading untrusted bytes.
+
+Transparency (RGBA, LA, palette with a transparent entry) is a property of how a file is
+displayed, not of the radiograph: the stored grey values are the measurement, so alpha is
+dropped and a semi-transparent film gives the same pixels as the same film without alpha
+(compositing would scale them by alpha, and the answer with them). Fully transparent pixels
+have no defined value (exporters store anything there) and become black, the radiograph's
+background: no attenuation, as air and the area outside the body are shown.
 """
 
 from __future__ import annotations
@@ -27,6 +38,22 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 """File endings treated as images when scanning folders."""
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "DICOM")
+"""The formats every command and the web service accept, told by content (:func:`sniff_format`)."""
+
+_PILLOW_FORMATS: tuple[str, ...] = ("JPEG", "PNG")
+"""What Pillow may open (``Image.open(formats=...)``): :data:`SUPPORTED_FORMATS` but DICOM."""
+
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"))
+"""Pillow's own acceptance tests for these two formats (its ``_accept`` functions)."""
+
+_OTHER_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"),
+    (b"%PDF", "PDF"), (b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"))
+"""Formats that are recognised only to say what a refused file is."""
 
 MAX_PIXELS: int = 50_000_000
 """Images above this many pixels are refused (decompression bombs, absurd scans)."""
@@ -81,6 +108,28 @@ def is_dicom(head: bytes) -> bool:
     return head[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC
 
 
+def sniff_format(head: bytes) -> str | None:
+    """The :data:`SUPPORTED_FORMATS` entry ``head`` (the first 132+ bytes of a file) starts, or
+    None. DICOM is checked first: its 128-byte preamble may itself look like another format."""
+    if is_dicom(head):
+        return "DICOM"
+    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
+
+
+def _unsupported(name: str, head: bytes) -> ImageDecodeError:
+    other = next((kind for magic, kind in _OTHER_SIGNATURES if head.startswith(magic)), None)
+    if other is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        other = "WebP"
+    what = f"unsupported file type {other}" if other else "not a recognised image file"
+    return ImageDecodeError(f"{name}: {what} (PneumoScope reads {', '.join(SUPPORTED_FORMATS)}, "
+                            "told by content, not by name)")
+
+
+def _detail(exc: BaseException) -> str:
+    """An exception as one line (pydicom's and Pillow's messages may span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageDecodeError(
@@ -94,6 +143,19 @@ def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
                                f"{MAX_ASPECT:g}:1 (not a radiograph)")
 
 
+class _QuietDecoderTracebacks(logging.Filter):
+    """pydicom 3 logs every failing pixel decoder plugin's traceback at ERROR, then raises; the
+    failure reaches the user once, as the file's one-line :class:`ImageDecodeError`. The
+    traceback is kept with debug logging (``--verbose``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None or log.isEnabledFor(logging.DEBUG)
+
+
+_PYDICOM_DECODER_LOGGER = "pydicom.pixels.decoders.base"
+_QUIET = _QuietDecoderTracebacks()
+
+
 def _import_pydicom(name: str) -> Any:
     try:
         import pydicom
@@ -102,6 +164,9 @@ def _import_pydicom(name: str) -> Any:
         raise ImageDecodeError(
             f"{name}: is a DICOM file, and reading DICOM needs pydicom: {DICOM_INSTALL_HINT}"
         ) from exc
+    # A logger's filters act on the records logged to it (not on its children's): the module
+    # logger that logs the tracebacks itself. Adding the same filter twice is a no-op.
+    logging.getLogger(_PYDICOM_DECODER_LOGGER).addFilter(_QUIET)
     return pydicom
 
 
@@ -137,7 +202,7 @@ def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> DecodedImage:
     try:
         ds = pydicom.dcmread(fp)
     except Exception as exc:  # InvalidDicomError, truncated elements, bad VRs ...
-        raise ImageDecodeError(f"{name}: corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(f"{name}: corrupt DICOM file ({_detail(exc)})") from exc
     if "PixelData" not in ds:
         kind = ds.get("Modality") or ds.get("SOPClassUID", "?")
         raise ImageDecodeError(f"{name}: DICOM file has no pixel data (not an image; {kind})")
@@ -161,7 +226,7 @@ def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> DecodedImage:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         syntax_name = getattr(syntax, "name", syntax) or "?"
         raise ImageDecodeError(f"{name}: cannot decode DICOM pixel data (transfer syntax "
-                               f"{syntax_name}; {type(exc).__name__}: {exc})") from exc
+                               f"{syntax_name}; {_detail(exc)})") from exc
     if arr.ndim != 2:
         raise ImageDecodeError(f"{name}: DICOM pixel data has shape {arr.shape}, expected 2-D")
     apply_modality_lut, apply_voi_lut = _dicom_luts()
@@ -173,7 +238,7 @@ def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> DecodedImage:
         out_range = _voi_output_range(ds, apply_voi_lut)
         arr = np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
     except Exception as exc:  # bad window width, unsupported LUT depth, ...
-        raise ImageDecodeError(f"{name}: invalid DICOM LUT/window ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(f"{name}: invalid DICOM LUT/window ({_detail(exc)})") from exc
     lo, hi = out_range or (float(arr.min()), float(arr.max()))
     if hi <= lo:
         gray = np.zeros(arr.shape, dtype=np.uint8)
@@ -208,11 +273,12 @@ def _to_uint8_gray(img: Image.Image) -> tuple[np.ndarray, float]:
         if hi <= lo:
             return np.zeros(arr.shape, dtype=np.uint8), 0.0
         return np.round((arr - lo) / (hi - lo) * 255.0).astype(np.uint8), 0.0
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite on black: X-ray backgrounds are dark.
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Alpha dropped, fully transparent pixels black (module docstring: why).
+        rgba = np.asarray(img.convert("RGBA"))
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = 0
+        img = Image.fromarray(rgb)
     return np.asarray(img.convert("L"), dtype=np.uint8), _channel_spread(img)
 
 
@@ -220,7 +286,8 @@ def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
                  name: str | None = None) -> DecodedImage:
     """Decode a JPEG/PNG/DICOM file (path or raw bytes) into a :class:`DecodedImage`.
 
-    The format is detected from the content, not the file name. EXIF orientation is applied;
+    The format is detected from the content, not the file name; other formats are refused
+    (:data:`SUPPORTED_FORMATS`). EXIF orientation is applied;
     DICOM goes through its Modality and VOI LUTs (see :func:`_load_dicom`). Raises
     :class:`ImageDecodeError`, whose message starts with ``name`` (default: the path, or
     ``<bytes>``), for anything that is not a readable image, or that has more than
@@ -238,12 +305,15 @@ def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
             fp.seek(0)
             if is_dicom(head):
                 return _load_dicom(fp, name, max_pixels)
+            if sniff_format(head) is None:
+                raise _unsupported(name, head)
             # Pillow warns (DecompressionBombWarning) before it errors; we apply our own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
-                img = Image.open(fp)
+                img = Image.open(fp, formats=_PILLOW_FORMATS)
             except UnidentifiedImageError as exc:
-                raise ImageDecodeError(f"{name}: not a recognised image file") from exc
+                raise ImageDecodeError(f"{name}: corrupt or truncated image (its header is "
+                                       "unreadable)") from exc
             except Image.DecompressionBombError as exc:
                 raise ImageDecodeError(f"{name}: image too large ({exc})") from exc
             width, height = img.size
@@ -253,11 +323,12 @@ def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
                 img = ImageOps.exif_transpose(img)
                 gray, spread = _to_uint8_gray(img)
             except (OSError, SyntaxError, ValueError) as exc:
-                raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from exc
+                raise ImageDecodeError(f"{name}: corrupt or truncated image "
+                                       f"({' '.join(str(exc).split())})") from exc
     except ImageDecodeError:
         raise
     except Exception as exc:  # any other decoder failure is still the file's fault
-        raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(f"{name}: cannot decode image ({_detail(exc)})") from exc
     return DecodedImage(gray, gray.shape[1], gray.shape[0], spread)
 
 

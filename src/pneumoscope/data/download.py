@@ -61,6 +61,11 @@ CONNECT_TIMEOUT = 10.0
 """Upper bound (seconds) on name lookup + TCP connect, so 'no network' fails fast."""
 
 _CHUNK = 1 << 20
+
+MAX_UNCOMPRESSED_BYTES = 8 * 2**30
+"""Largest total size the data members of a zip may unpack to (the release unpacks to about
+1.2 GB): a zip bomb is refused before anything is written. ``zipfile`` stops each member at
+its declared size, so the declared sizes bound what is written."""
 _SPLITS_IN_ZIP = ("train", "val", "test")  # the Mendeley zip has no val/, the Kaggle copy has
 _REQUIRED_SPLITS = ("train", "test")
 
@@ -391,8 +396,31 @@ def _find_data_prefix(names: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
     return min(candidates, key=lambda p: (len(p), p))
 
 
-def _extract(zip_path: Path, root: Path, progress: bool) -> None:
-    """Unpack the train/val/test folders of ``zip_path`` into ``root`` (all or nothing)."""
+def _check_targets(wanted: list[tuple[zipfile.ZipInfo, tuple[str, ...]]], max_bytes: int) -> None:
+    """Refuse, before anything is written, an archive whose members would overwrite each other
+    (names equal but for case, on a case-insensitive disk or for the lower-cased split folder),
+    clash as a file and a folder of the same name, or unpack to more than ``max_bytes``."""
+    total = sum(info.file_size for info, _ in wanted)
+    if total > max_bytes:
+        raise ArchiveError(f"the data members unpack to {total} bytes, above the limit of {max_bytes} "
+                           "(a zip bomb?)")
+    seen: dict[tuple[str, ...], str] = {}
+    for info, rel in wanted:
+        key = tuple(part.casefold() for part in rel)
+        if key in seen:
+            raise ArchiveError(f"members {seen[key]!r} and {info.filename!r} differ only in case "
+                               "(or are the same name twice): one would overwrite the other")
+        seen[key] = info.filename
+    folders = {key[:i]: name for key, name in seen.items() for i in range(1, len(key))}
+    clash = next((key for key in seen if key in folders), None)
+    if clash is not None:
+        raise ArchiveError(f"{seen[clash]!r} is a file, and a folder in {folders[clash]!r}: "
+                           "the archive cannot be unpacked")
+
+
+def _extract(zip_path: Path, root: Path, progress: bool, max_bytes: int | None = None) -> None:
+    """Unpack the train/val/test folders of ``zip_path`` into ``root`` (all or nothing).
+    ``max_bytes``: default :data:`MAX_UNCOMPRESSED_BYTES`."""
     staging = root.with_name(f".{root.name}.partial")
     if staging.exists():
         shutil.rmtree(staging)  # left over from an interrupted extraction of ours
@@ -408,6 +436,8 @@ def _extract(zip_path: Path, root: Path, progress: bool) -> None:
                 for info, parts in files
                 if parts[:n] == prefix and len(parts) > n + 1 and parts[n].lower() in _SPLITS_IN_ZIP
             ]
+            _check_targets([(info, (rel[0].lower(), *rel[1:])) for info, rel in wanted],
+                           MAX_UNCOMPRESSED_BYTES if max_bytes is None else max_bytes)
             log.info("extracting %d files from %s", len(wanted), zip_path)
             for info, rel in tqdm(wanted, desc="extract", unit="file", disable=not progress):
                 target = staging.joinpath(rel[0].lower(), *rel[1:])

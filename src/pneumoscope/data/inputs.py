@@ -138,7 +138,10 @@ def _walk(folder: Path, seen_dirs: set[tuple[int, int]],
                 skipped.append((path, "folder already scanned (symbolic link)"))
                 continue
             seen_dirs.add(key)
-            yield from _walk(path, seen_dirs, skipped)
+            inside = list(_walk(path, seen_dirs, skipped))
+            if not inside:  # an empty folder (or one named like an image) is a named skip too
+                skipped.append((path, "folder with no image files"))
+            yield from inside
         elif not looks_like_image:
             skipped.append((path, "unknown suffix" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)))
         else:

@@ -265,7 +265,8 @@ class Gate:
         if metadata.get("format") != GATE_FORMAT:
             raise ValueError(f"gate.format: unsupported gate format {metadata.get('format')!r} "
                              f"(expected {GATE_FORMAT})")
-        tolerances = Tolerances.from_dict(dict(metadata.get("tolerances", {})))
+        tolerances = metadata.get("tolerances", {})
+        tolerances = Tolerances.from_dict(dict(tolerances) if isinstance(tolerances, Mapping) else tolerances)
         state = metadata.get("state")
         if state == "disabled":
             return cls.disabled()

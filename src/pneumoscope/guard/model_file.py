@@ -15,6 +15,7 @@ from pneumoscope.data.decode import DecodedImage, ImageDecodeError, decode_image
 from pneumoscope.guard.checks import MIN_SIDE_PX, Tolerances
 from pneumoscope.guard.gate import Gate, Verdict, fit_gate
 from pneumoscope.models.checkpoint import (
+    CheckpointError,
     CheckpointInfo,
     load_checkpoint,
     read_extra_tensors,
@@ -35,7 +36,10 @@ def load_gate(checkpoint: str | Path, info: CheckpointInfo | None = None, *,
     if not enabled:
         return Gate.disabled()
     info = info or read_info(checkpoint)
-    gate = Gate.from_state(read_extra_tensors(checkpoint), info.gate)
+    try:
+        gate = Gate.from_state(read_extra_tensors(checkpoint), info.gate)
+    except (ValueError, TypeError, KeyError) as exc:  # a damaged or hand-edited gate
+        raise CheckpointError(f"{checkpoint}: checkpoint field gate: {exc}") from exc
     if not gate.fitted and str(checkpoint) not in _warned:
         _warned.add(str(checkpoint))
         log.warning("%s has no fitted input gate: only the deterministic checks run (colour, size, "

@@ -39,6 +39,8 @@ import timm
 import torch
 from torch import nn
 
+from pneumoscope.models.checkpoint import check_arch_kwargs
+
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +64,9 @@ class FeatureSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "timm_kwargs", dict(self.timm_kwargs))
+        # Read from a model file and handed to timm.create_model: the same allow-list as the
+        # classifier's arch_kwargs (timm would otherwise act on e.g. a checkpoint_path).
+        check_arch_kwargs(self.timm_kwargs, "feature_spec.timm_kwargs")
         object.__setattr__(self, "taps", tuple(self.taps))
         if not self.taps:
             raise ValueError("feature_spec.taps must name at least one module")

@@ -13,6 +13,7 @@ the model when it is loaded. Files written before these fields existed load with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -29,6 +30,11 @@ from pneumoscope.models.factory import Preprocessing, XrayClassifier, rebuild_mo
 
 FORMAT = "pneumoscope-checkpoint/1"
 _META_KEY = "pneumoscope"
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used as it is: unreadable, damaged, or with a metadata field
+    that would give wrong answers. The message names the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,11 @@ class CheckpointInfo:
     gate: dict[str, Any] | None = None
     """The input gate's metadata (:mod:`pneumoscope.guard`), its tensors stored under
     ``gate.`` in the same file; ``None``: no gate fitted (files from before the gate)."""
+    digest: str = ""
+    """BLAKE2b of the rest of the metadata and of every tensor, written by
+    :func:`save_checkpoint` and checked by :func:`load_checkpoint`: a file damaged on disk or in
+    transfer (a flipped byte in a weight gives finite nonsense, not NaN) is refused. Integrity,
+    not authenticity: whoever edits the file can recompute it. Empty in files from before it."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -72,7 +83,7 @@ class CheckpointInfo:
         right (a NaN threshold labels everything NORMAL; std 0 makes every input infinite) is
         refused here, naming the field."""
         if not isinstance(d, dict):
-            raise ValueError(f"checkpoint metadata must be a mapping, got {type(d).__name__}")
+            raise ValueError(f"checkpoint metadata must be a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ValueError(f"unsupported checkpoint format {d.get('format')!r} (expected {FORMAT})")
         fields = {k: v for k, v in d.items() if k != "format"}
@@ -91,7 +102,8 @@ class CheckpointInfo:
         if band is not None:
             low, high = (float(v) for v in band)
             if not 0.0 <= low <= float(fields.get("threshold", 0.5)) <= high <= 1.0:
-                raise ValueError(f"abstain_band {band!r} must satisfy 0 <= low <= threshold <= high <= 1")
+                raise ValueError(f"checkpoint field abstain_band {band!r} must satisfy "
+                                 "0 <= low <= threshold <= high <= 1")
             fields["abstain_band"] = (low, high)
         return cls(**fields)
 
@@ -108,36 +120,103 @@ def _number(fields: dict[str, Any], key: str, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
             or not low <= value <= high:
         raise ValueError(f"checkpoint field {key} must be a finite number in [{low:g}, {high:g}], "
-                         f"got {value!r}")
+                         f"got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    """``repr`` cut to a line: a field may hold a megabyte of anything."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _typed(fields: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> None:
+    if key in fields and not isinstance(fields[key], kind):
+        raise ValueError(f"checkpoint field {key} must be {what}, got {_short(fields[key])}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_info_fields(fields: dict[str, Any]) -> None:
-    """Types and ranges of the metadata fields, before any is used."""
+    """Types and ranges of the metadata fields, before any is used: every failure is a
+    ``ValueError`` that names the field (never a ``TypeError`` from deep inside)."""
     if not isinstance(fields["model"], str):
-        raise ValueError(f"checkpoint field model must be a registry name, got {fields['model']!r}")
+        raise ValueError(f"checkpoint field model must be a registry name, got {_short(fields['model'])}")
     _number(fields, "threshold", 0.0, 1.0)
     _number(fields, "temperature", 1e-3, 1e3)
+    for key in ("threshold_method", "timm_name", "version", "created", "digest"):
+        _typed(fields, key, str, "a string")
+    for key in ("metrics", "config"):
+        _typed(fields, key, dict, "a mapping")
+    _typed(fields, "gate", (dict, type(None)), "a mapping or null")
+    steps = fields.get("provenance", [])
+    if not isinstance(steps, list | tuple) or not all(isinstance(step, dict) for step in steps):
+        raise ValueError(f"checkpoint field provenance must be a list of mappings, got {_short(steps)}")
+    band = fields.get("abstain_band")
+    if band is not None and (not isinstance(band, list | tuple) or len(band) != 2
+                             or not all(_is_number(v) for v in band)):
+        raise ValueError(f"checkpoint field abstain_band must be null or two numbers, got {_short(band)}")
     names = fields.get("class_names", CLASS_NAMES)
     if not isinstance(names, list | tuple) or len(names) != 2 or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"checkpoint field class_names must be two names, got {names!r}")
-    pre = fields["preprocessing"]
+        raise ValueError(f"checkpoint field class_names must be two names, got {_short(names)}")
+    _check_preprocessing(fields["preprocessing"])
+    check_arch_kwargs(fields.get("arch_kwargs", {}), "checkpoint field arch_kwargs")
+
+
+def check_arch_kwargs(kwargs: Any, where: str) -> None:
+    """``timm.create_model`` arguments read from a file: only :data:`ARCH_KWARGS_ALLOWED`, with
+    values of the right type (timm would fail deep inside, or worse, act on them)."""
+    if not isinstance(kwargs, dict) or set(kwargs) - ARCH_KWARGS_ALLOWED:
+        raise ValueError(f"{where} may only hold {sorted(ARCH_KWARGS_ALLOWED)}, got {_short(kwargs)}")
+    eps = kwargs.get("bn_eps", 1e-5)
+    if not _is_number(eps) or not 0 < eps < 1:
+        raise ValueError(f"{where}.bn_eps must be a number in (0, 1), got {_short(eps)}")
+    if kwargs.get("pad_type", "") not in ("", "same", "valid"):
+        raise ValueError(f"{where}.pad_type must be '', 'same' or 'valid', got {_short(kwargs['pad_type'])}")
+
+
+_PREPROCESSING_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Preprocessing)}
+"""``in_chans``, and the two fields this version implements one value of (``resize``,
+``color``): a file asking for another would be fed pixels it was not trained on."""
+
+
+def _check_preprocessing(pre: Any) -> None:
     if not isinstance(pre, dict):
-        raise ValueError(f"checkpoint field preprocessing must be a mapping, got {pre!r}")
+        raise ValueError(f"checkpoint field preprocessing must be a mapping, got {_short(pre)}")
+    unknown = sorted(set(pre) - {f.name for f in dataclasses.fields(Preprocessing)})
+    if unknown:
+        raise ValueError(f"checkpoint field preprocessing has unknown field(s) {unknown}")
     size = pre.get("image_size")
     if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 1024:
         raise ValueError(f"checkpoint field preprocessing.image_size must be an integer in 16..1024, "
-                         f"got {size!r}")
+                         f"got {_short(size)}")
+    chans = pre.get("in_chans", _PREPROCESSING_DEFAULTS["in_chans"])
+    if isinstance(chans, bool) or chans not in (1, 3):
+        raise ValueError(f"checkpoint field preprocessing.in_chans must be 1 or 3, got {_short(chans)}")
     for key, positive in (("mean", False), ("std", True)):
         values = pre.get(key)
-        if not isinstance(values, list | tuple) or not values or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                and (v > 0 or not positive) for v in values):
+        if not isinstance(values, list | tuple) or len(values) not in (1, chans) or not all(
+                _is_number(v) and (v > 0 or not positive) for v in values):
             raise ValueError(f"checkpoint field preprocessing.{key} must be finite numbers"
-                             + (" > 0" if positive else "") + f", got {values!r}")
-    kwargs = fields.get("arch_kwargs", {})
-    if not isinstance(kwargs, dict) or set(kwargs) - ARCH_KWARGS_ALLOWED:
-        raise ValueError(f"checkpoint field arch_kwargs may only hold {sorted(ARCH_KWARGS_ALLOWED)}, "
-                         f"got {kwargs!r}")
+                             + (" > 0" if positive else "") + f", one or in_chans ({chans}) of them, "
+                             f"got {_short(values)}")
+    for key in ("resize", "color"):
+        expected = _PREPROCESSING_DEFAULTS[key]
+        if pre.get(key, expected) != expected:
+            raise ValueError(f"checkpoint field preprocessing.{key} must be {expected!r} (the only "
+                             f"one this version implements), got {_short(pre[key])}")
+
+
+def content_digest(info: CheckpointInfo, tensors: dict[str, torch.Tensor]) -> str:
+    """:attr:`CheckpointInfo.digest` of ``info`` (its own digest left out) and ``tensors``."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(json.dumps(replace(info, digest="").to_dict(), sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 EXTRA_PREFIXES: tuple[str, ...] = ("gate.",)
@@ -165,6 +244,7 @@ def save_checkpoint(path: str | Path, model: XrayClassifier, info: CheckpointInf
         if not key.startswith(EXTRA_PREFIXES) or key in tensors:
             raise ValueError(f"extra tensor {key!r} must start with one of {EXTRA_PREFIXES}")
         tensors[key] = value.detach().cpu().contiguous()
+    info = replace(info, digest=content_digest(info, tensors))
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(info.to_dict())})
     tmp.replace(path)
@@ -180,15 +260,15 @@ def read_info(path: str | Path) -> CheckpointInfo:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a PneumoScope checkpoint (.safetensors): {exc}") from exc
+        raise CheckpointError(f"{path} is not a PneumoScope checkpoint (.safetensors): {exc}") from exc
     if _META_KEY not in meta:
-        raise ValueError(f"{path} has no PneumoScope metadata: was it written by `pneumoscope train`?")
+        raise CheckpointError(f"{path} has no PneumoScope metadata: was it written by `pneumoscope train`?")
     try:
         return CheckpointInfo.from_dict(json.loads(meta[_META_KEY]))
     except (json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"{path}: unreadable PneumoScope metadata ({exc})") from exc
+        raise CheckpointError(f"{path}: unreadable PneumoScope metadata ({exc})") from exc
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise CheckpointError(f"{path}: {exc}") from exc
 
 
 def read_extra_tensors(path: str | Path, prefix: str = "gate.") -> dict[str, torch.Tensor]:
@@ -205,17 +285,35 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     info = read_info(path)
-    model = rebuild_model(info.model, info.preprocessing, arch_kwargs=info.arch_kwargs,
-                          channels_last=channels_last)
-    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(EXTRA_PREFIXES)}
+    try:
+        model = rebuild_model(info.model, info.preprocessing, arch_kwargs=info.arch_kwargs,
+                              channels_last=channels_last)
+    except KeyError as exc:  # not in the registry
+        raise CheckpointError(f"{path}: checkpoint field model: {exc.args[0] if exc.args else exc}") from exc
+    stem = next((m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if stem is not None and stem.in_channels != info.preprocessing.in_chans:
+        raise CheckpointError(f"{path}: checkpoint field preprocessing.in_chans is "
+                              f"{info.preprocessing.in_chans} but model {info.model!r} takes "
+                              f"{stem.in_channels} channels")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable weights ({exc})") from exc
+    if info.digest and content_digest(info, tensors) != info.digest:
+        raise CheckpointError(f"{path}: the file is damaged: its weights or metadata differ from what "
+                              "was saved (checkpoint field digest); to change a threshold or "
+                              "temperature use `pneumoscope calibrate`, which writes a new file")
+    state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIXES)}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # a damaged file: NaN weights give NaN probabilities
-        raise ValueError(f"{path}: non-finite values in {len(bad)} weight tensor(s), e.g. {bad[0]}: "
-                         "the file is damaged")
+        raise CheckpointError(f"{path}: non-finite values in {len(bad)} weight tensor(s), e.g. "
+                              f"{bad[0]}: the file is damaged")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{path}: its weights do not fit model {info.model!r} "
-                         f"({str(exc).splitlines()[0]})") from exc
+        # torch lists every missing/unexpected key over many lines: the first few, on one line.
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"{path}: its tensors do not fit model {info.model!r} "
+                              f"({detail[:300]}{'...' if len(detail) > 300 else ''})") from exc
     model.set_temperature(info.temperature)
     return model.to(device).eval(), info

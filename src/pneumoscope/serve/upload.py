@@ -14,14 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pneumoscope.data.decode import is_dicom
+from pneumoscope.data.decode import SUPPORTED_FORMATS as SUPPORTED_TYPES
+from pneumoscope.data.decode import sniff_format as sniff_type
 
 # Room for the multipart boundaries, part headers and the small text fields around the file.
 BODY_OVERHEAD = 64 * 1024
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 8
-
-SUPPORTED_TYPES = ("JPEG", "PNG", "DICOM")
 
 
 class UploadError(Exception):
@@ -40,18 +39,6 @@ class Upload:
 
     file: bytes | None = None
     fields: dict[str, str] = field(default_factory=dict)
-
-
-def sniff_type(data: bytes) -> str | None:
-    """``"DICOM"``, ``"PNG"``, ``"JPEG"`` from the leading bytes, or None. DICOM is checked first,
-    as the decoder does: its 128-byte preamble may itself look like another format."""
-    if is_dicom(data[:132]):
-        return "DICOM"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    return None
 
 
 def too_large_message(max_upload_bytes: int) -> str:
