@@ -166,6 +166,8 @@ def main() -> None:
         lines += ["", f"On {hw['cpu_cores_available']} cores this checks identity, not speed: two 1-CPU "
                   "trials side by side do the same work as one 2-thread trial, plus Ray's start and a "
                   "worker process per trial."]
+    lines += ["", "Wall times also move with whatever else runs on the machine (load average in the "
+              "JSON): compare the rows for identity, and time on an otherwise idle machine."]
     lines += ["", "Sequential leaderboard:", "", leaderboard_markdown(seq)]
     (RESULTS / f"{args.tag}.md").write_text("\n".join(lines))
     print("\n".join(lines))

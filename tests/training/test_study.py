@@ -153,6 +153,16 @@ def _check_nested_runs(out: Path, expected: dict[str, str]) -> None:
     assert children == expected and len(runs) == 1 + len(expected)
 
 
+def test_a_trial_larger_than_the_local_instance_stops_before_training(
+        local_ray: None, kermany_tree: Path, tmp_path: Path) -> None:
+    from pneumoscope.ray_executor import RayExecutor
+
+    with pytest.raises(ValueError, match="3 CPU per trial, the cluster has 2"):
+        compare(tiny_study(kermany_tree, tmp_path, {}), executor=RayExecutor(cpus_per_trial=3),
+                progress=False)
+    assert not RunLayout(tmp_path / "study" / "resnet18").config.exists()
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"cpus_per_trial": 0}, "--cpus-per-trial must be > 0"),
     ({"gpus_per_trial": 2}, r"--gpus-per-trial must be in \[0, 1\]"),
