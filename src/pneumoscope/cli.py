@@ -43,7 +43,10 @@ COMPARE_EXAMPLE = """example (the seed study, on a GPU):
   pneumoscope compare --models densenet121,convnext_base,resnetv2_50,resnetv2_101,vgg16 \\
       --data ../shared/data/chest_xray --epochs 10
 example (quick, CPU, offline):
-  pneumoscope compare --config configs/quick.yaml --data ../shared/data/chest_xray"""
+  pneumoscope compare --config configs/quick.yaml --data ../shared/data/chest_xray
+example (one Ray task per model on a cluster started with `ray start --head`):
+  pneumoscope compare --config configs/seed-study.yaml --data /shared/chest_xray \\
+      --out /shared/runs --executor ray --ray-address auto --gpus-per-trial 1"""
 
 PREDICT_EXAMPLE = """example:
   pneumoscope predict runs/efficientnet_lite0-seed42/model.safetensors scans/ extra/*.dcm \\
@@ -231,17 +234,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor(args: argparse.Namespace) -> Any:
+    """``None`` (sequential) or a Ray executor; Ray options without ``--executor ray`` are errors."""
+    if args.executor != "ray":
+        given = [flag for flag, value in (("--ray-address", args.ray_address),
+                                          ("--cpus-per-trial", args.cpus_per_trial),
+                                          ("--gpus-per-trial", args.gpus_per_trial)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} need --executor ray")
+        return None
+    from pneumoscope.ray_executor import RayExecutor
+
+    return RayExecutor(address=args.ray_address,
+                       cpus_per_trial=1.0 if args.cpus_per_trial is None else args.cpus_per_trial,
+                       gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pneumoscope import pipeline
 
+    executor = _executor(args)
     logs.tame_lightning(args.verbose)
     config = _ensure_data(_config_from_args(args))
-    result = pipeline.compare(config, resume=args.resume)
+    try:
+        result = pipeline.compare(config, resume=args.resume, executor=executor)
+    except pipeline.StudyFailedError as exc:
+        print(f"pneumoscope: error: {exc}", file=sys.stderr)
+        return 1
     if not result["paths"]:  # the other processes of a DDP study: rank 0 reports
         return 0
     print(result["paths"]["md"].read_text())
     print(f"leaderboard: {result['paths']['md']}")
-    return 0
+    return 1 if result["failed"] else 0
 
 
 def _print_site_metrics(before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -531,6 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated registry names")
     p.add_argument("--weights", help="hub | package | none | PATH, or per model: "
                    "efficientnet_lite0=package,resnet18=none")
+    p.add_argument("--executor", choices=["sequential", "ray"], default="sequential",
+                   help="sequential (default: one model after another here) or ray (each model a "
+                   "Ray task; needs the ray extra)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="an existing Ray cluster (auto: the one `ray start` made; default: a local "
+                   "instance for this study)")
+    p.add_argument("--cpus-per-trial", type=float, metavar="N", help="CPUs per model (Ray; default 1)")
+    p.add_argument("--gpus-per-trial", type=float, metavar="N",
+                   help="GPUs per model (Ray; default 0, e.g. 1 or 0.5)")
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)
 

@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -103,11 +103,26 @@ def git_commit() -> str | None:
     return commit or None
 
 
+@dataclass(frozen=True)
+class ParentRun:
+    """A study's MLflow run as plain values, so that its model runs can nest under it from
+    another process (a Ray worker): they open their own client at ``uri``."""
+
+    uri: str | None
+    """``None``: the study is not tracked, so its model runs are not either."""
+    experiment_id: str = ""
+    run_id: str = ""
+
+
 class Tracker:
     """The no-op tracker: what a run gets with tracking off or MLflow missing."""
 
     active = False
     run_id: str | None = None
+
+    def as_parent(self) -> ParentRun:
+        """What a nested run needs to find this run (picklable)."""
+        return ParentRun(None)
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> None:
         """One epoch's values (``train_loss``, ``val_auc``, ...), with ``step = epoch``."""
@@ -129,6 +144,11 @@ class MlflowTracker(Tracker):
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
+
+    def as_parent(self) -> ParentRun:
+        if not self.active:  # the store failed earlier: the model runs go untracked too
+            return ParentRun(None)
+        return ParentRun(self.client.tracking_uri, self.experiment_id, self.run_id)
 
     def _safe(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # A failing store (disk full, server gone) must not end a training run.
@@ -193,15 +213,25 @@ def _probe(uri: str) -> None:
                             "leave out --tracking-uri to use the local store")
 
 
+def _client(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri``."""
+    # MLflow 3 reports usage to its vendor unless told not to; clinical sites run offline and
+    # should not phone home from a training job. A user can still opt in by setting it to false.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    with warnings.catch_warnings():
+        # MLflow's SQLAlchemy store trips SQLAlchemy 2.1 deprecation warnings: not ours to fix.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return MlflowClient(tracking_uri=uri)
+
+
 def _open_experiment(config: RunConfig, store_root: Path) -> tuple[Any, str] | None:
     """An ``MlflowClient`` and the experiment id, or ``None`` when the run goes untracked."""
     global _warned_missing
     explicit = config.tracking.uri is not None
-    # MLflow 3 reports usage to its vendor unless told not to; clinical sites run offline and
-    # should not phone home from a training job. A user can still opt in by setting it to false.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
-        from mlflow.tracking import MlflowClient
+        import mlflow.tracking  # noqa: F401
     except ImportError:
         if explicit:
             raise ModuleNotFoundError(
@@ -226,7 +256,7 @@ def _open_experiment(config: RunConfig, store_root: Path) -> tuple[Any, str] | N
             warnings.simplefilter("ignore", DeprecationWarning)
             if not explicit:
                 store_root.mkdir(parents=True, exist_ok=True)
-            client = MlflowClient(tracking_uri=uri)
+            client = _client(uri)
             name = config.tracking.experiment
             experiment = client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment is not None \
@@ -264,20 +294,28 @@ def _find_run(client: Any, experiment_id: str, run_dir: Path) -> str | None:
 
 
 @contextmanager
-def track_run(config: RunConfig, run_dir: Path, *, parent: Tracker | None = None,
+def track_run(config: RunConfig, run_dir: Path, *, parent: ParentRun | None = None,
               resume: bool = False, kind: str = "train") -> Iterator[Tracker]:
     """Open an MLflow run for ``run_dir`` (logging params and tags) and close it with
     FINISHED, FAILED or KILLED. Yields a no-op :class:`Tracker` when tracking is off.
 
     The store is ``config.tracking.uri`` or ``<config.out>/mlflow.db``. With ``parent``
-    (``compare``'s run), the run nests under it in the parent's store and experiment.
+    (``compare``'s run, :meth:`Tracker.as_parent`), the run nests under it in the parent's
+    store and experiment, from this process or another one (a Ray worker).
     ``resume`` continues the latest run of the same folder where there is one.
     """
-    if not config.tracking.enabled or not is_rank_zero() or (parent is not None and not parent.active):
+    if not config.tracking.enabled or not is_rank_zero() or (parent is not None and parent.uri is None):
         yield Tracker()
         return
-    if isinstance(parent, MlflowTracker):
-        client, experiment_id = parent.client, parent.experiment_id
+    if parent is not None:
+        assert parent.uri is not None
+        try:
+            client, experiment_id = _client(parent.uri), parent.experiment_id
+        except Exception as exc:  # e.g. MLflow missing on a Ray worker's node
+            log.warning("MLflow: cannot reach the study's store %s from here (%s); this run is "
+                        "not tracked", parent.uri, exc)
+            yield Tracker()
+            return
     else:
         opened = _open_experiment(config, Path(config.out))
         if opened is None:
@@ -286,7 +324,7 @@ def track_run(config: RunConfig, run_dir: Path, *, parent: Tracker | None = None
         client, experiment_id = opened
     tags = _run_tags(config, run_dir, kind)
     if parent is not None:
-        tags["mlflow.parentRunId"] = str(parent.run_id)
+        tags["mlflow.parentRunId"] = parent.run_id  # MLflow's nested-run system tag
     run_id = None
     try:
         run_id = _find_run(client, experiment_id, run_dir) if resume else None

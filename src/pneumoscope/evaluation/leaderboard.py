@@ -7,6 +7,8 @@ can be rebuilt from saved runs without retraining.
 from __future__ import annotations
 
 import csv
+import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import numpy as np
 
 from pneumoscope.evaluation.bootstrap import delong_test, paired_bootstrap
 from pneumoscope.evaluation.metrics import METRIC_NAMES
-from pneumoscope.jsonio import write_json
+from pneumoscope.jsonio import write_json, write_text_atomic
 from pneumoscope.runs import RunLayout, read_predictions, read_summary
 
 LEADERBOARD_METRICS = ("auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision",
@@ -28,12 +30,13 @@ def _fmt(value: float | None, ci: list[float] | None = None) -> str:
 
 
 def build_leaderboard(run_dirs: list[Path], *, split: str = "test", n_resamples: int = 1000,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, failed: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """Rows (one per run) with every metric and CI at the validation-chosen threshold, and a
     paired comparison of each model's AUC against the reference model.
 
     The reference is the model with the best *validation* AUC, the one a user would pick
-    without looking at the test split.
+    without looking at the test split. ``failed``: trials of the study that did not finish
+    (``model``, ``run_dir``, ``error``), listed under ``failed`` (``rows`` holds finished runs only).
     """
     rows, predictions = [], {}
     for run_dir in run_dirs:
@@ -67,7 +70,8 @@ def build_leaderboard(run_dirs: list[Path], *, split: str = "test", n_resamples:
                                "p_bootstrap": boot["p_value"], "p_delong": delong["p_value"]}
     rows.sort(key=lambda r: -(r["metrics"]["auc"] or 0))
     return {"split": split, "reference": reference["model"], "rows": rows,
-            "metric_names": [m for m in LEADERBOARD_METRICS if m in METRIC_NAMES]}
+            "metric_names": [m for m in LEADERBOARD_METRICS if m in METRIC_NAMES],
+            "failed": [dict(f) for f in failed]}
 
 
 def leaderboard_markdown(board: dict[str, Any]) -> str:
@@ -86,32 +90,46 @@ def leaderboard_markdown(board: dict[str, Any]) -> str:
     lines += ["", f"Split: {board['split']}. Threshold chosen on validation (patient-grouped) "
               "and applied unchanged. Reference = best validation AUC. ΔAUC: paired bootstrap; "
               "p: DeLong test for correlated ROC curves."]
+    failed = board.get("failed") or []
+    if failed:
+        lines += ["", f"**Failed** ({len(failed)}; not in the table; rerun the same command to retry "
+                  "them, finished models are skipped):", ""]
+        lines += [f"- {f['model']}: {_first_line(f.get('error'))} ({f['run_dir']})" for f in failed]
     return "\n".join(lines) + "\n"
 
 
+def _first_line(text: str | None, limit: int = 200) -> str:
+    lines = (text or "").strip().splitlines()
+    line = lines[0] if lines else "unknown error"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def write_leaderboard(board: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Save the leaderboard as JSON, CSV (every metric, CI bounds) and Markdown."""
+    """Save the leaderboard as JSON, CSV (every metric, CI bounds; failed trials last, with
+    ``status`` failed) and Markdown, each file replaced atomically."""
     out_dir = Path(out_dir)
     paths = {"json": write_json(out_dir / "leaderboard.json", board),
              "csv": out_dir / "leaderboard.csv", "md": out_dir / "leaderboard.md"}
-    with open(paths["csv"], "w", newline="") as fh:
-        writer = csv.writer(fh)
-        metrics = board["metric_names"]
-        writer.writerow(["model", "threshold", "val_auc",
-                         *[f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi")],
-                         *[f"{m}_at_0.5" for m in metrics],
-                         "auc_diff_vs_ref", "auc_diff_lo", "auc_diff_hi", "p_bootstrap",
-                         "p_delong", "wall_time_s"])
-        for row in board["rows"]:
-            cmp_ = row["vs_reference"] or {}
-            cells = [row["model"], row["threshold"], row["val_auc"]]
-            for m in metrics:
-                ci = row["ci95"].get(m) or [None, None]
-                cells += [row["metrics"].get(m), ci[0], ci[1]]
-            cells += [row["at_0.5"].get(m) for m in metrics]
-            ci = cmp_.get("ci95") or [None, None]
-            cells += [cmp_.get("auc_difference"), ci[0], ci[1], cmp_.get("p_bootstrap"),
-                      cmp_.get("p_delong"), row["wall_time_s"]]
-            writer.writerow(["" if c is None else c for c in cells])
-    paths["md"].write_text(leaderboard_markdown(board))
+    metrics = board["metric_names"]
+    header = ["model", "threshold", "val_auc", *[f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi")],
+              *[f"{m}_at_0.5" for m in metrics], "auc_diff_vs_ref", "auc_diff_lo", "auc_diff_hi",
+              "p_bootstrap", "p_delong", "wall_time_s", "status", "error"]
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for row in board["rows"]:
+        cmp_ = row["vs_reference"] or {}
+        cells = [row["model"], row["threshold"], row["val_auc"]]
+        for m in metrics:
+            ci = row["ci95"].get(m) or [None, None]
+            cells += [row["metrics"].get(m), ci[0], ci[1]]
+        cells += [row["at_0.5"].get(m) for m in metrics]
+        ci = cmp_.get("ci95") or [None, None]
+        cells += [cmp_.get("auc_difference"), ci[0], ci[1], cmp_.get("p_bootstrap"),
+                  cmp_.get("p_delong"), row["wall_time_s"], "finished", None]
+        writer.writerow(["" if c is None else c for c in cells])
+    for f in board.get("failed") or []:
+        writer.writerow([f["model"], *[""] * (len(header) - 3), "failed", _first_line(f.get("error"))])
+    write_text_atomic(paths["csv"], buf.getvalue())
+    write_text_atomic(paths["md"], leaderboard_markdown(board))
     return paths

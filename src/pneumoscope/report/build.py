@@ -430,6 +430,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, cam_
     ctx = {
         "title": folder.resolve().name, "generated": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "version": __version__, "summary": summary, "leaderboard": leaderboard, "reference": reference,
+        "failed": board.get("failed") or [],
         "split": board.get("split", "test"), "thresholds": thresholds, "stress": stress, "gates": gates,
         "confusions": confusions,
         "subtypes": subtypes, "groups": groups, "splits": splits, "same_split": same_split,
