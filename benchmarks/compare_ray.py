@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 from _env import hardware, versions
+from ledger import record_file
 
 from pneumoscope import pipeline
 from pneumoscope.config import load_config
@@ -139,6 +140,7 @@ def main() -> None:
               "leaderboards": {k: v["board"] for k, v in runs.items()}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_file(RESULTS / f"{args.tag}.json")  # it scores copied test films: a ledger row
     hw = record["hardware"]
     lines = [f"# {args.tag}", "", f"Command: `{record['command']}`  ",
              f"Hardware: {hw['cpu']}, {hw['cpu_cores_available']} cores, GPU: {hw['gpu'] or 'none'}, "

@@ -137,8 +137,22 @@ def _gate_reads(record: Mapping[str, Any]) -> list[TestRead]:
                      "input gate only: refusal rates on the test films, split by their labels")]
 
 
+def _check_reads(record: Mapping[str, Any]) -> list[TestRead]:
+    """ddp_cpu.py and compare_ray.py: engine checks on a few copied test films (the scores only
+    have to equal another way of computing them; no recipe is reported or chosen from them)."""
+    if "test_per_class" in (record.get("subset") or {}):  # ddp_cpu.py
+        count = 2 * int(record["subset"]["test_per_class"])
+    elif "subset_images" in record:  # compare_ray.py
+        count = sum(int(v) for k, v in record["subset_images"].items() if k.startswith("test/"))
+    else:
+        return []
+    return [TestRead(record["benchmark"], f"{record['benchmark']}/engine-check", "", (), {}, count,
+                     "engine check on copied test films (equality with another computation; "
+                     "no recipe reported or chosen)")]
+
+
 READERS: tuple[Callable[[Mapping[str, Any]], list[TestRead]], ...] = (
-    _accuracy_reads, _compare_reads, _site_reads, _gate_reads)
+    _accuracy_reads, _compare_reads, _site_reads, _gate_reads, _check_reads)
 """One per benchmark that reads the test split; each knows its benchmark's result files by
 their fields (not by the file name, which ``--tag`` changes) and returns [] for any other."""
 
@@ -288,12 +302,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ledger", type=Path, default=RESULTS / LEDGER_NAME)
     parser.add_argument("--backfill", action="store_true",
                         help=f"(re)write the backfilled rows from the result files at {BACKFILL_BASE[:8]}")
+    parser.add_argument("--record", type=Path, metavar="RESULT_JSON",
+                        help="append the rows of a result file written by a benchmark run before it "
+                        "called the ledger itself (say when it ran with --note)")
+    parser.add_argument("--note", default="", help="with --record")
     parser.add_argument("--readme", nargs="?", const=REPO / "README.md", type=Path, metavar="README",
                         help="rebuild the ledger section of README.md (between its markers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.backfill:
         log.info("%d backfilled row(s) in %s", len(backfill(args.ledger)), args.ledger)
+    if args.record:
+        record_file(args.record, note=args.note, ledger=args.ledger)
     section = readme_section(read_ledger(args.ledger), _relative(args.ledger))
     if args.readme:
         update_readme(args.readme, section)
