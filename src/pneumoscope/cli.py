@@ -348,7 +348,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     scan = scan_inputs(args.inputs)
     entries = select_shard(scan.entries, *shard) if shard else scan.entries
     predictor = Predictor(args.checkpoint, backend=args.backend, gate=not args.no_gate,
-                          tta=args.tta)
+                          tta=args.tta, draft=not args.full_decode)
     good: list[Path] = []
     width = min(max((len(safe_path(e.path)) for e in entries), default=4), 60)
     if out is None:
@@ -558,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gate", action="store_true",
                    help="research only: skip the input gate (recorded as gate=off in the output)")
     p.add_argument("--tta", action="store_true", help=TTA_HELP + " (torch backend only)")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every pixel of large JPEGs/DICOMs (default: decode at a reduced "
+                   "scale near the model's input size, several times faster)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("gate", help="the input gate that refuses what is not a chest film")

@@ -23,8 +23,9 @@ from pneumoscope.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
-DECODER_VERSION = 1
-"""Bump when decoding or resizing changes, so old caches are not reused."""
+DECODER_VERSION = 2
+"""Bump when decoding or resizing changes, so old caches are not reused (2: large JPEGs and
+DICOMs are decoded at a reduced scale, see :data:`pneumoscope.data.decode.DRAFT_MARGIN`)."""
 
 
 def default_cache_dir() -> Path:
@@ -60,7 +61,7 @@ def _key(records: Sequence[ImageRecord], size: int) -> str:
 
 def _decode(path: str, size: int) -> np.ndarray | str:
     try:
-        return resize_square(load_grayscale(path), size)
+        return resize_square(load_grayscale(path, draft_size=size), size)
     except ImageDecodeError as exc:
         return str(exc)
 

@@ -94,7 +94,10 @@ class Predictor:
     export``. ``backend``: ``torch`` or ``onnx``; None picks by the file (``.onnx`` → onnx).
     The onnx backend given a checkpoint exports it in memory first (parity is the exporter's
     job; run ``pneumoscope export`` to check it and keep the file). ``tta``: average the
-    logits over :data:`~pneumoscope.evaluation.tta.TTA_VIEWS` (torch backend only).
+    logits over :data:`~pneumoscope.evaluation.tta.TTA_VIEWS` (torch backend only). ``draft``:
+    decode large JPEGs and DICOMs at a reduced scale near the model's input size
+    (:data:`~pneumoscope.data.decode.DRAFT_MARGIN`); False decodes every pixel (slower; the
+    gate's size and colour checks read the same source facts either way).
 
     Thread safety: the torch model is called under a lock (``predict_proba`` switches the
     module to eval mode and torch's intra-op pool already uses every core, so concurrent
@@ -107,7 +110,7 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, backend: Backend | None = None, *,
                  max_pixels: int = MAX_PIXELS, threads: int | None = None, gate: bool = True,
-                 tta: bool = False) -> None:
+                 tta: bool = False, draft: bool = True) -> None:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -120,6 +123,7 @@ class Predictor:
         self.path = path
         self.backend: str = backend
         self.max_pixels = max_pixels
+        self.draft = draft
         self._lock = threading.Lock()
         self._model: Any = None
         self._session: Any = None
@@ -150,6 +154,11 @@ class Predictor:
     @property
     def image_size(self) -> int:
         return self.info.preprocessing.image_size
+
+    @property
+    def draft_size(self) -> int | None:
+        """The ``draft_size`` passed to the decoder (None: full decode)."""
+        return self.image_size if self.draft else None
 
     @property
     def threshold(self) -> float:
@@ -212,7 +221,7 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "<bytes>") -> PredictionRow:
         """Predict one encoded image (JPEG/PNG/DICOM bytes). Raises
         :class:`~pneumoscope.data.decode.ImageDecodeError` for unreadable data."""
-        decoded = decode_image(data, max_pixels=self.max_pixels, name=name)
+        decoded = decode_image(data, max_pixels=self.max_pixels, name=name, draft_size=self.draft_size)
         return self._predict_decoded([name], [decoded])[0]
 
     def _decode(self, entry: InputEntry) -> DecodedImage | str:
@@ -220,7 +229,7 @@ class Predictor:
         if entry.error is not None:
             return f"{entry.path}: {entry.error}"
         try:
-            decoded = decode_image(entry.path, max_pixels=self.max_pixels)
+            decoded = decode_image(entry.path, max_pixels=self.max_pixels, draft_size=self.draft_size)
         except ImageDecodeError as exc:
             return str(exc)
         # Keep the model's size only: an image waiting in the queue costs O(model input), not
