@@ -486,7 +486,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.checkpoint, host=args.host, port=args.port,
           backend=resolve_backend(args.checkpoint, args.backend),
           max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or MAX_PIXELS,
-          limits=limits, allowed_hosts=hosts,
+          limits=limits, allowed_hosts=hosts, batch_max=args.batch_max, batch_wait_ms=args.batch_wait_ms,
           on_ready=lambda url: print(f"PneumoScope: open {url} (API docs: {url}docs); Ctrl+C stops",
                                      flush=True))
     return 0
@@ -605,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report the input gate's scores on the images of DIR (repeatable)")
     p.set_defaults(func=cmd_report)
 
+    from pneumoscope.serve.batching import DEFAULT_BATCH_MAX, DEFAULT_BATCH_WAIT_MS
     from pneumoscope.serve.limits import ServeLimits  # plain values: no FastAPI import
 
     p = sub.add_parser("serve", help="web service and page: predict and explain uploaded X-rays",
@@ -631,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{limits.keep_alive_s:g})")
     p.add_argument("--max-connections", type=int, default=limits.max_connections,
                    help=f"open connections before new requests get 503 (default {limits.max_connections})")
+    p.add_argument("--batch-max", type=int, default=DEFAULT_BATCH_MAX, metavar="N",
+                   help=f"most uploads predicted in one model call (dynamic batching; default "
+                   f"{DEFAULT_BATCH_MAX}; 1: one call per request)")
+    p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS, metavar="MS",
+                   help=f"longest an upload waits for others to share its model call (default "
+                   f"{DEFAULT_BATCH_WAIT_MS:g}; a lone request never waits)")
     p.add_argument("--allowed-hosts", metavar="H1,H2",
                    help="Host header values accepted (default: 127.0.0.1, localhost, [::1] and --host; "
                         "'*' = any); others get 400")

@@ -292,8 +292,8 @@ def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
                 raise ImageDecodeError(f"{name}: image too large ({exc})") from exc
             width, height = img.size
             _check_size(name, width, height, max_pixels)
-            source_size = _draft(img, draft_size)
             try:
+                source_size = _draft(img, draft_size)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 gray, spread = _to_uint8_gray(img)
