@@ -53,7 +53,9 @@ PREDICT_EXAMPLE = """example:
   pneumoscope predict model.onnx chest.png        # exported model, onnx backend"""
 EXPORT_EXAMPLE = """example:
   pneumoscope export runs/efficientnet_lite0-seed42/model.safetensors --format onnx \\
-      --out model.onnx   # + model.onnx.json; checks ONNX Runtime against PyTorch"""
+      --out model.onnx   # + model.onnx.json; checks ONNX Runtime against PyTorch
+  pneumoscope export runs/efficientnet_lite0-seed42/model.safetensors --quantize int8 \\
+      --data data/chest_xray   # model.int8.onnx, only if validation AUC/labels hold"""
 EXPLAIN_EXAMPLE = """example:
   pneumoscope explain runs/resnet18-seed42/model.safetensors scans/ chest.png \\
       --method gradcam,hirescam --out explanations --faithfulness"""
@@ -401,16 +403,22 @@ def _row_verdict(row: Any) -> str:
     return str(row.label)
 
 
-def cmd_gate_fit(args: argparse.Namespace) -> int:
+def _model_splits(checkpoint: str, data: str) -> tuple[Any, dict[str, Any]]:
+    """A checkpoint's info and its own patient-grouped split of ``data`` (by its training seed),
+    decoded at its input size."""
     from pneumoscope.data.datasets import load_splits
-    from pneumoscope.guard.model_file import add_gate, fit_gate_for, score_rates
     from pneumoscope.models.checkpoint import read_info
 
-    info = read_info(args.checkpoint)
-    config = load_config(dotted=[f"data.root={args.data}",
-                                 f"data.image_size={info.preprocessing.image_size}"])
+    info = read_info(checkpoint)
+    config = load_config(dotted=[f"data.root={data}", f"data.image_size={info.preprocessing.image_size}"])
     seed = int((info.config.get("train") or {}).get("seed", config.train.seed))
-    splits = load_splits(config.data, seed)  # the model's own patient-grouped split, by its seed
+    return info, load_splits(config.data, seed)
+
+
+def cmd_gate_fit(args: argparse.Namespace) -> int:
+    from pneumoscope.guard.model_file import add_gate, fit_gate_for, score_rates
+
+    info, splits = _model_splits(args.checkpoint, args.data)
     gate = fit_gate_for(splits["train"].images, splits["val"].images,
                         info.preprocessing.image_size, data_root=args.data)
     out = add_gate(args.checkpoint, gate, args.out)
@@ -429,6 +437,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from pneumoscope.export.onnx import export_onnx
 
+    if args.quantize == "int8":
+        from pneumoscope.export.quantize import Int8Rule, export_int8
+
+        if not args.data:
+            raise ValueError("--quantize int8 needs --data: the model's training data, whose validation "
+                             "films calibrate and check the INT8 model")
+        rule = Int8Rule(auc_tolerance=args.int8_auc_tolerance, min_agreement=args.int8_min_agreement,
+                        calibration_images=args.calibration_images)
+        _, splits = _model_splits(args.checkpoint, args.data)
+        val = splits["val"]
+        out = export_int8(args.checkpoint, val.images, val.labels, args.out, rule=rule,
+                          opset=args.opset)
+        q = json.loads(Path(f"{out}.json").read_text())["quantization"]
+        print(f"INT8 ONNX model: {out} (metadata: {out}.json)")
+        print(f"validation ({q['n_images']} films): AUC {q['auc_int8']:.4f} vs fp32 {q['auc_fp32']:.4f}, "
+              f"labels agree on {100 * q['label_agreement']:.2f}%")
+        return 0
     out = export_onnx(args.checkpoint, args.out, opset=args.opset, check=True)
     parity = json.loads(Path(f"{out}.json").read_text())["parity"]
     print(f"ONNX model: {out} (metadata: {out}.json)")
@@ -578,6 +603,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", help="output file (default: the checkpoint's name with .onnx)")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8: static quantization calibrated on the validation films of --data; "
+                   "written only if validation AUC and labels stay with the fp32 model's")
+    p.add_argument("--data", help="with --quantize: the data the model was trained on (same layout)")
+    p.add_argument("--int8-auc-tolerance", type=float, default=0.003, metavar="D",
+                   help="largest |AUC(int8) - AUC(fp32)| on validation (default 0.003)")
+    p.add_argument("--int8-min-agreement", type=float, default=0.995, metavar="F",
+                   help="smallest share of validation films with the same label (default 0.995)")
+    p.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                   help="validation films that calibrate the INT8 ranges (default 256)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="class activation maps (Grad-CAM and others) for images",
