@@ -413,7 +413,8 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
     async def healthz() -> dict[str, Any]:
         """Liveness: answers from the event loop, even while the workers are busy."""
         return {"status": "ok", "model": service.info.model, "backend": service.predictor.backend,
-                "uploads_in_progress": service.uploads}
+                "uploads_in_progress": service.uploads,
+                "batches": {"run": service.batcher.batches, "requests": service.batcher.items}}
 
     @app.get("/v1/model", tags=["model"])
     async def model_card() -> JSONResponse:
