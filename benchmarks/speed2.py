@@ -12,7 +12,7 @@ Sections (``--only`` picks some):
   folder   ``predict_to_file`` over >= 1,000 full-size films (the shared films re-encoded at
            several sizes and qualities into a temporary folder, deleted at the end): today's
            path (full decode, no decode workers), draft only, and the new default (draft +
-           decode workers); torch and onnx backends.
+           decode workers); torch and onnx backends, and the INT8 model on the new path.
   serve    ``pneumoscope serve`` in a subprocess, 16 concurrent clients, 224-px and full-size
            uploads, batching on (``--batch-max 16``) vs off (``--batch-max 1``), both backends;
            and one client alone (p95) for both settings; the mean batch the server ran (its
@@ -181,7 +181,13 @@ def work_predict(spec: dict[str, Any]) -> dict[str, Any]:
         for label, path in inputs.items():
             times = _timed_calls(lambda p: predictor.predict_files([p], batch_size=1, progress=False),
                                  path, spec["n_single"], warmup=5)
-            out[label] = _latency_ms(times)
+            # Where the time goes: the decode (+ resize to 224) alone and the model + gate alone.
+            decode = _timed_calls(predictor.decode_bytes, path, spec["n_single"], warmup=2)
+            decoded = predictor.decode_bytes(path)
+            model = _timed_calls(lambda d: predictor.predict_decoded(["x"], [d]), decoded,
+                                 spec["n_single"], warmup=2)
+            out[label] = {**_latency_ms(times), "decode_p50_ms": 1000 * statistics.median(decode),
+                          "model_gate_p50_ms": 1000 * statistics.median(model)}
     return out
 
 
@@ -202,15 +208,13 @@ def work_folder(spec: dict[str, Any]) -> dict[str, Any]:
 
 def work_int8(spec: dict[str, Any]) -> dict[str, Any]:
     from pneumoscope.data.datasets import to_model_input_numpy
-    from pneumoscope.data.decode import load_grayscale, resize_square
     from pneumoscope.export.onnx import INPUT_NAME, OUTPUT_NAME, export_bytes, ort_session
     from pneumoscope.export.quantize import probabilities, quantize_int8
     from pneumoscope.models.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         model, info = load_checkpoint(_checkpoint(Path(tmp), spec["model"]))
-    files = sorted((SHARED / "chest_xray" / "val").rglob("*.jpeg"))[:spec["n_calibration"]]
-    images = np.stack([resize_square(load_grayscale(f), SIZE) for f in files])
+    images = _val_images(spec["n_calibration"])
     fp32 = export_bytes(model, info)
     start = time.perf_counter()
     int8 = quantize_int8(fp32, images)
@@ -264,8 +268,10 @@ FOLDER_RUNS = {  # name: (backend, draft, decode workers)
     f"torch/{OLD}": ("torch", False, 0),
     "torch/draft only, no decode workers": ("torch", True, 0),
     f"torch/{NEW}": ("torch", True, None),
+    "torch/draft + 1 decode worker": ("torch", True, 1),
     f"onnx/{OLD}": ("onnx", False, 0),
     f"onnx/{NEW}": ("onnx", True, None),
+    f"onnx int8/{NEW}": ("onnx-int8", True, None),
 }
 
 
@@ -298,14 +304,35 @@ def section_folder(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         log(f"  writing {args.folder_files} films ...")
         out: dict[str, Any] = {"folder": make_folder(folder, args.folder_files), "runs": {}}
         ckpt = _checkpoint(Path(tmp))
+        int8 = _int8_file(ckpt, Path(tmp) / "model.int8.onnx")
         for name, (backend, draft, workers) in FOLDER_RUNS.items():
             out["runs"][name] = run_worker("folder", {
-                "checkpoint": str(ckpt), "backend": backend, "folder": str(folder), "draft": draft,
+                "checkpoint": str(int8 if backend == "onnx-int8" else ckpt),
+                "backend": "onnx" if backend == "onnx-int8" else backend, "folder": str(folder),
+                "draft": draft,
                 "decode_workers": workers, "out": str(Path(tmp) / f"rows-{len(out['runs'])}.csv")}, log)
     runs = out["runs"]
     out["speedup_new_vs_old"] = {b: runs[f"{b}/{NEW}"]["images_per_s"] / runs[f"{b}/{OLD}"]["images_per_s"]
                                  for b in ("torch", "onnx")}
     return out
+
+
+def _int8_file(ckpt: Path, out: Path) -> Path:
+    """The INT8 model of ``ckpt`` (calibrated on 32 validation films; no parity rule: random weights)."""
+    from pneumoscope.export.onnx import export_bytes
+    from pneumoscope.export.quantize import quantize_int8, with_metadata
+    from pneumoscope.models.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(ckpt)
+    out.write_bytes(with_metadata(quantize_int8(export_bytes(model, info), _val_images(32)), info))
+    return out
+
+
+def _val_images(n: int) -> np.ndarray:
+    from pneumoscope.data.decode import load_grayscale, resize_square
+
+    files = sorted((SHARED / "chest_xray" / "val").rglob("*.jpeg"))[:n]
+    return np.stack([resize_square(load_grayscale(f), SIZE) for f in files])
 
 
 def section_serve(args: argparse.Namespace, log: Any) -> dict[str, Any]:
@@ -405,9 +432,13 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += _decode_md(s["decode"])
     if "predict" in s:
         lines += ["## Predict path, one 2048-px JPEG per call (checkpoint → probability)", "",
-                  "| backend / decode | input | p50 (ms) | p95 (ms) |", "|---|---|---|---|"]
+                  "Decode and model + gate: each alone, p50 over the same number of calls (where the "
+                  "time goes).", "",
+                  "| backend / decode | input | p50 (ms) | p95 (ms) | decode p50 | model + gate p50 |",
+                  "|---|---|---|---|---|---|"]
         for key, rows in s["predict"].items():
-            lines += [f"| {key} | {inp} | {_f(r['p50_ms'])} | {_f(r['p95_ms'])} |" for inp, r in rows.items()]
+            lines += [f"| {key} | {inp} | {_f(r['p50_ms'])} | {_f(r['p95_ms'])} | {_f(r['decode_p50_ms'])} "
+                      f"| {_f(r['model_gate_p50_ms'])} |" for inp, r in rows.items()]
         lines.append("")
     if "folder" in s:
         lines += _folder_md(s["folder"])
@@ -458,6 +489,8 @@ def _folder_md(f: dict[str, Any]) -> list[str]:
     lines += [f"| {k} | {_f(r['images_per_s'])} | {_f(r['wall_s'])} | {r['failed']} |"
               for k, r in f["runs"].items()]
     ratios = ", ".join(f"{b} **{x:.2f}x**" for b, x in f["speedup_new_vs_old"].items())
+    int8 = f["runs"][f"onnx int8/{NEW}"]["images_per_s"] / f["runs"][f"torch/{OLD}"]["images_per_s"]
+    ratios += f"; the new path with the INT8 ONNX model vs the old fp32 torch path **{int8:.2f}x**"
     return [*lines, "", f"New vs old: {ratios}", ""]
 
 
@@ -468,18 +501,20 @@ def _serve_md(sv: dict[str, Any]) -> list[str]:
              f"({sv['uploads']['224px']} bytes) and at 2048 px ({sv['uploads']['full-size']} bytes). "
              "Batching on: `--batch-max 16 "
              "--batch-wait-ms 5`; off: `--batch-max 1` (round 1's behaviour). Mean batch: requests per "
-             "model call (the server's /healthz counters). HTTP floor: the 224-px upload's size of "
+             "model call (the server's /healthz counters). Server p50: the `latency_ms` the server reports "
+             "(decode + batch wait + model, no HTTP). HTTP floor: the 224-px upload's size of "
              "non-image bytes, refused (415) once read: no decode, no model.", "",
              "| backend / batching | load / upload | requests | errors | req/s | p50 ms | p95 ms "
-             "| mean batch |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| server p50 ms | mean batch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, run in sv["runs"].items():
         for load, r in run.items():
             if isinstance(r, dict):
                 batch = _f(r["mean_batch"]) if "mean_batch" in r else "-"
                 lines.append(f"| {key} | {load} | {r['requests']} | {r.get('errors', '-')} | "
                              f"{r['throughput_rps']} | {r.get('latency_p50_ms', '-')} | "
-                             f"{r.get('latency_p95_ms', '-')} | {batch} |")
+                             f"{r.get('latency_p95_ms', '-')} | {r.get('server_latency_p50_ms', '-')} "
+                             f"| {batch} |")
     return [*lines, ""]
 
 

@@ -94,6 +94,18 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
         return out.read_bytes()
 
 
+def with_metadata(int8: bytes, info: Any, source: str = "") -> bytes:
+    """An INT8 model with the PneumoScope metadata of ``info`` (and ``quantization``) embedded,
+    so ``predict`` and ``serve`` load it like any exported model."""
+    onnx = _import("onnx")
+    proto = onnx.load_from_string(int8)
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key = META_KEY
+    entry.value = json.dumps({**onnx_metadata(info, source), "quantization": QUANTIZATION})
+    return proto.SerializeToString()
+
+
 def probabilities(session: Any, images: np.ndarray) -> np.ndarray:
     """P(positive) of an ORT session for uint8 (N, S, S) images, float64 (N,)."""
     if not len(images):
@@ -155,15 +167,10 @@ def export_int8(checkpoint: str | Path, images: np.ndarray, labels: np.ndarray,
             f"AUC {parity['auc_int8']:.4f} vs fp32 {parity['auc_fp32']:.4f} (tolerance "
             f"{rule.auc_tolerance:g}), labels agree on {100 * parity['label_agreement']:.2f}% (need "
             f"{100 * rule.min_agreement:g}%); the INT8 model is not written")
-    onnx = _import("onnx")
-    proto = onnx.load_from_string(int8)
     meta = {**onnx_metadata(info, checkpoint.name), "quantization": QUANTIZATION}
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps(meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".onnx.tmp")
-    tmp.write_bytes(proto.SerializeToString())
+    tmp.write_bytes(with_metadata(int8, info, checkpoint.name))
     tmp.replace(out)
     write_json(f"{out}.json", {**meta, "opset": opset, "quantization": record})
     log.info("exported %s -> %s (INT8: AUC %.4f vs %.4f, labels agree %.2f%%)", checkpoint, out,
@@ -171,4 +178,4 @@ def export_int8(checkpoint: str | Path, images: np.ndarray, labels: np.ndarray,
     return out
 
 
-__all__ = ["Int8Rule", "export_int8", "int8_parity", "quantize_int8"]
+__all__ = ["Int8Rule", "export_int8", "int8_parity", "quantize_int8", "with_metadata"]
