@@ -16,8 +16,9 @@ Sections (``--only`` picks some):
   serve    ``pneumoscope serve`` in a subprocess, 16 concurrent clients, 224-px and full-size
            uploads, batching on (``--batch-max 16``) vs off (``--batch-max 1``), both backends;
            and one client alone (p95) for both settings; the mean batch the server ran (its
-           /healthz counters); and the HTTP floor: 16 clients posting the same bytes as a
-           non-image, answered 415 after the upload is read (no decode, no model).
+           /healthz counters); the model call alone per image at batch 1, 4, 16; and the HTTP
+           floor: 16 clients posting the same bytes as a non-image, answered 415 after the
+           upload is read (no decode, no model).
   int8     ONNX Runtime at batch 32: fp32 vs the INT8 model of ``export.quantize`` (calibrated
            on 64 validation films of ../shared/data/chest_xray), for EfficientNet-Lite0 and
            ResNet-18.
@@ -191,6 +192,22 @@ def work_predict(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def work_batch_cost(spec: dict[str, Any]) -> dict[str, Any]:
+    """The service's model call alone (``predict_decoded``: model + gate) per image, by batch size:
+    what batching can save at most."""
+    from pneumoscope.serve.predict import Predictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        predictor = Predictor(_checkpoint(Path(tmp)), spec["backend"])
+    decoded = predictor.decode_bytes(_reencode(_films()[0], SIZE, 92))
+    out = {}
+    for size in (1, 4, 16):
+        times = _timed_calls(lambda n: predictor.predict_decoded(["x"] * n, [decoded] * n), size,
+                             max(2, spec["images"] // size), warmup=2)
+        out[str(size)] = 1000 * statistics.median(times) / size
+    return {"ms_per_image_by_batch": out}
+
+
 def work_folder(spec: dict[str, Any]) -> dict[str, Any]:
     """``predict_to_file`` over the folder (the CLI's library call), timed without model load."""
     from pneumoscope.data.inputs import scan_inputs
@@ -234,7 +251,8 @@ def work_int8(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-WORKERS = {"decode": work_decode, "predict": work_predict, "folder": work_folder, "int8": work_int8}
+WORKERS = {"decode": work_decode, "predict": work_predict, "folder": work_folder, "int8": work_int8,
+           "batch_cost": work_batch_cost}
 
 
 def run_worker(kind: str, spec: dict[str, Any], log: Any) -> dict[str, Any]:
@@ -340,7 +358,10 @@ def section_serve(args: argparse.Namespace, log: Any) -> dict[str, Any]:
 
     films = _films()
     uploads = {"224px": _reencode(films[0], SIZE, 92), "full-size": _reencode(films[0], 2048, 90)}
-    out: dict[str, Any] = {"uploads": {k: len(v) for k, v in uploads.items()}, "runs": {}}
+    out: dict[str, Any] = {"uploads": {k: len(v) for k, v in uploads.items()}, "runs": {},
+                           "model_call_ms_per_image": {
+                               b: run_worker("batch_cost", {"backend": b, "images": args.serve_requests * 8},
+                                             log)["ms_per_image_by_batch"] for b in ("torch", "onnx")}}
     with tempfile.TemporaryDirectory(prefix="speed2-serve-") as tmp:
         ckpt = _checkpoint(Path(tmp))
         for backend in ("torch", "onnx"):
@@ -515,6 +536,12 @@ def _serve_md(sv: dict[str, Any]) -> list[str]:
                              f"{r['throughput_rps']} | {r.get('latency_p50_ms', '-')} | "
                              f"{r.get('latency_p95_ms', '-')} | {r.get('server_latency_p50_ms', '-')} "
                              f"| {batch} |")
+    cost = sv.get("model_call_ms_per_image", {})
+    if cost:
+        by_backend = "; ".join(f"{b}: " + ", ".join(f"batch {k} {_f(v)}" for k, v in c.items())
+                               for b, c in cost.items())
+        lines += ["", "The model call alone (model + gate on decoded 224-px images, in one process), ms per "
+                  f"image by batch size — the most batching can save on these cores: {by_backend}"]
     return [*lines, ""]
 
 
