@@ -40,7 +40,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -279,9 +279,13 @@ class _Service:
     async def predict(self, data: bytes) -> dict[str, Any]:
         """The answer for one upload: decoded in a worker (its errors are its own), then
         predicted in a batch with the uploads around it (or alone with ``batch_max`` 1)."""
+        def alone() -> Awaitable[Any]:
+            return self.run(self.predictor.predict_bytes, data, "upload")
+
         if self.batcher.max_size == 1:
-            return self.answer(await self.run(self.predictor.predict_bytes, data, "upload"))
-        return self.answer(await self.batcher.run(self.run(self.predictor.decode_bytes, data, "upload")))
+            return self.answer(await alone())
+        return self.answer(await self.batcher.run(
+            lambda: self.run(self.predictor.decode_bytes, data, "upload"), solo=alone))
 
     def answer(self, row: Any) -> dict[str, Any]:
         """The JSON answer for one prediction row; ``probability`` and ``label`` are null when
@@ -414,7 +418,8 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
         """Liveness: answers from the event loop, even while the workers are busy."""
         return {"status": "ok", "model": service.info.model, "backend": service.predictor.backend,
                 "uploads_in_progress": service.uploads,
-                "batches": {"run": service.batcher.batches, "requests": service.batcher.items}}
+                "batches": {"run": service.batcher.batches, "requests": service.batcher.items,
+                            "alone": service.batcher.solo}}
 
     @app.get("/v1/model", tags=["model"])
     async def model_card() -> JSONResponse:

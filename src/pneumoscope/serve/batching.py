@@ -6,7 +6,9 @@ batch starts at once when it is full (``max_size``), when no other request is st
 (a lone client never waits), or when its first request has waited ``wait_s``; while a batch
 runs the next one gathers, so the batch size follows the load. Results go back to each request
 in order. If a whole batch fails, its items are retried one by one, so one item that breaks
-the model call fails only its own request.
+the model call fails only its own request. A request that finds the batcher idle (nothing
+queued, running or decoding) may run ``solo``: its whole work in one call, as without
+batching, while the requests that arrive meanwhile gather for the next batch.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Batcher(Generic[I, O]):
             weakref.WeakKeyDictionary())
         self.batches = 0
         self.items = 0
+        self.solo = 0
 
     def _queue(self) -> _Queue:
         loop = asyncio.get_running_loop()
@@ -70,13 +73,23 @@ class Batcher(Generic[I, O]):
             self._queues[loop] = _Queue()
         return self._queues[loop]
 
-    async def run(self, prepare: Awaitable[I]) -> O:
-        """Await ``prepare`` (the item: e.g. a decode in a worker thread; its error is this
-        request's alone), then the item's result from a batch."""
+    async def run(self, prepare: Callable[[], Awaitable[I]],
+                  solo: Callable[[], Awaitable[O]] | None = None) -> O:
+        """Await ``prepare()`` (the item: e.g. a decode in a worker thread; its error is this
+        request's alone), then the item's result from a batch; or, when the batcher is idle,
+        ``solo()`` (the same result in one step) while later requests queue behind it."""
         queue = self._queue()
+        if solo is not None and not (queue.busy or queue.pending or queue.coming):
+            queue.busy = True
+            self.solo += 1
+            try:
+                return await solo()
+            finally:
+                queue.busy = False
+                self._schedule(queue)
         queue.coming += 1
         try:
-            item = await prepare
+            item = await prepare()
         finally:
             queue.coming -= 1
         future: asyncio.Future[O] = asyncio.get_running_loop().create_future()
