@@ -56,7 +56,9 @@ PREDICT_EXAMPLE = """example:
   pneumoscope predict model.onnx chest.png        # exported model, onnx backend"""
 EXPORT_EXAMPLE = """example:
   pneumoscope export runs/efficientnet_lite0-seed42/model.safetensors --format onnx \\
-      --out model.onnx   # + model.onnx.json; checks ONNX Runtime against PyTorch"""
+      --out model.onnx   # + model.onnx.json; checks ONNX Runtime against PyTorch
+  pneumoscope export runs/efficientnet_lite0-seed42/model.safetensors --quantize int8 \\
+      --data data/chest_xray   # model.int8.onnx, only if validation AUC/labels hold"""
 EXPLAIN_EXAMPLE = """example:
   pneumoscope explain runs/resnet18-seed42/model.safetensors scans/ chest.png \\
       --method gradcam,hirescam --out explanations --faithfulness"""
@@ -372,7 +374,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     scan = scan_inputs(args.inputs)
     entries = select_shard(scan.entries, *shard) if shard else scan.entries
     predictor = Predictor(args.checkpoint, backend=args.backend, gate=not args.no_gate,
-                          tta=args.tta)
+                          tta=args.tta, draft=not args.full_decode)
     good: list[Path] = []
     width = min(max((len(safe_path(e.path)) for e in entries), default=4), 60)
     if out is None:
@@ -425,16 +427,22 @@ def _row_verdict(row: Any) -> str:
     return str(row.label)
 
 
-def cmd_gate_fit(args: argparse.Namespace) -> int:
+def _model_splits(checkpoint: str, data: str) -> tuple[Any, dict[str, Any]]:
+    """A checkpoint's info and its own patient-grouped split of ``data`` (by its training seed),
+    decoded at its input size."""
     from pneumoscope.data.datasets import load_splits
-    from pneumoscope.guard.model_file import add_gate, fit_gate_for, score_rates
     from pneumoscope.models.checkpoint import read_info
 
-    info = read_info(args.checkpoint)
-    config = load_config(dotted=[f"data.root={args.data}",
-                                 f"data.image_size={info.preprocessing.image_size}"])
+    info = read_info(checkpoint)
+    config = load_config(dotted=[f"data.root={data}", f"data.image_size={info.preprocessing.image_size}"])
     seed = int((info.config.get("train") or {}).get("seed", config.train.seed))
-    splits = load_splits(config.data, seed)  # the model's own patient-grouped split, by its seed
+    return info, load_splits(config.data, seed)
+
+
+def cmd_gate_fit(args: argparse.Namespace) -> int:
+    from pneumoscope.guard.model_file import add_gate, fit_gate_for, score_rates
+
+    info, splits = _model_splits(args.checkpoint, args.data)
     gate = fit_gate_for(splits["train"].images, splits["val"].images,
                         info.preprocessing.image_size, data_root=args.data)
     out = add_gate(args.checkpoint, gate, args.out)
@@ -453,6 +461,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from pneumoscope.export.onnx import export_onnx
 
+    if args.quantize == "int8":
+        from pneumoscope.export.quantize import Int8Rule, export_int8
+
+        if not args.data:
+            raise ValueError("--quantize int8 needs --data: the model's training data, whose validation "
+                             "films calibrate and check the INT8 model")
+        rule = Int8Rule(auc_tolerance=args.int8_auc_tolerance, min_agreement=args.int8_min_agreement,
+                        calibration_images=args.calibration_images)
+        _, splits = _model_splits(args.checkpoint, args.data)
+        val = splits["val"]
+        out = export_int8(args.checkpoint, val.images, val.labels, args.out, rule=rule,
+                          opset=args.opset)
+        q = json.loads(Path(f"{out}.json").read_text())["quantization"]
+        print(f"INT8 ONNX model: {out} (metadata: {out}.json)")
+        print(f"validation ({q['n_images']} films): AUC {q['auc_int8']:.4f} vs fp32 {q['auc_fp32']:.4f}, "
+              f"labels agree on {100 * q['label_agreement']:.2f}%")
+        return 0
     out = export_onnx(args.checkpoint, args.out, opset=args.opset, check=True)
     parity = json.loads(Path(f"{out}.json").read_text())["parity"]
     print(f"ONNX model: {out} (metadata: {out}.json)")
@@ -510,7 +535,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.checkpoint, host=args.host, port=args.port,
           backend=resolve_backend(args.checkpoint, args.backend),
           max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or MAX_PIXELS,
-          limits=limits, allowed_hosts=hosts,
+          limits=limits, allowed_hosts=hosts, batch_max=args.batch_max, batch_wait_ms=args.batch_wait_ms,
           on_ready=lambda url: print(f"PneumoScope: open {url} (API docs: {url}docs); Ctrl+C stops",
                                      flush=True))
     return 0
@@ -591,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gate", action="store_true",
                    help="research only: skip the input gate (recorded as gate=off in the output)")
     p.add_argument("--tta", action="store_true", help=TTA_HELP + " (torch backend only)")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every pixel of large JPEGs/DICOMs (default: decode at a reduced "
+                   "scale near the model's input size, several times faster)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("gate", help="the input gate that refuses what is not a chest film")
@@ -608,6 +636,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", help="output file (default: the checkpoint's name with .onnx)")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8: static quantization calibrated on the validation films of --data; "
+                   "written only if validation AUC and labels stay with the fp32 model's")
+    p.add_argument("--data", help="with --quantize: the data the model was trained on (same layout)")
+    p.add_argument("--int8-auc-tolerance", type=float, default=0.003, metavar="D",
+                   help="largest |AUC(int8) - AUC(fp32)| on validation (default 0.003)")
+    p.add_argument("--int8-min-agreement", type=float, default=0.995, metavar="F",
+                   help="smallest share of validation films with the same label (default 0.995)")
+    p.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                   help="validation films that calibrate the INT8 ranges (default 256)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="class activation maps (Grad-CAM and others) for images",
@@ -635,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report the input gate's scores on the images of DIR (repeatable)")
     p.set_defaults(func=cmd_report)
 
+    from pneumoscope.serve.batching import DEFAULT_BATCH_MAX, DEFAULT_BATCH_WAIT_MS
     from pneumoscope.serve.limits import ServeLimits  # plain values: no FastAPI import
 
     p = sub.add_parser("serve", help="web service and page: predict and explain uploaded X-rays",
@@ -661,6 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{limits.keep_alive_s:g})")
     p.add_argument("--max-connections", type=int, default=limits.max_connections,
                    help=f"open connections before new requests get 503 (default {limits.max_connections})")
+    p.add_argument("--batch-max", type=int, default=DEFAULT_BATCH_MAX, metavar="N",
+                   help=f"most uploads predicted in one model call (dynamic batching; default "
+                   f"{DEFAULT_BATCH_MAX}; 1: one call per request)")
+    p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS, metavar="MS",
+                   help=f"longest an upload waits for others to share its model call (default "
+                   f"{DEFAULT_BATCH_WAIT_MS:g}; a lone request never waits)")
     p.add_argument("--allowed-hosts", metavar="H1,H2",
                    help="Host header values accepted (default: 127.0.0.1, localhost, [::1] and --host; "
                         "'*' = any); others get 400")

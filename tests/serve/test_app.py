@@ -175,6 +175,7 @@ def test_model_card(client: TestClient) -> None:
     assert "Not a medical device" in card["limitations"][0] and card["intended_use"]
     assert card["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": 2_000_000,
                               "max_aspect_ratio": 20.0, "max_uploads": 16, "body_timeout_s": 30.0,
+                              "batch_max": 16, "batch_wait_ms": 5.0,
                               "accepted_types": ["JPEG", "PNG", "DICOM"]}
     assert "gradcam" in card["explain_methods"] and len(card["sha256"]) == 64
 

@@ -141,3 +141,75 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
     (tmp_path / "x.onnx").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"x\.onnx"):
         Predictor(tmp_path / "x.onnx")
+
+
+@pytest.fixture(scope="module")
+def separable(ckpt: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Validation films for the random model, labelled by its own fp32 ranking (AUC 1), and a
+    copy of the checkpoint whose threshold sits in the widest gap between its probabilities.
+    A random model's outputs barely differ between films, so its INT8 copy agrees on about
+    97 % of the labels: under the default 99.5 %, above a loosened 95 %."""
+    from pneumoscope.export.quantize import probabilities
+    from pneumoscope.models.checkpoint import load_checkpoint
+
+    rng = np.random.default_rng(11)
+    n = 200
+    images = np.stack([make_phantom(rng, 48, pneumonia=i % 2 == 1) for i in range(n)])
+    model, info = load_checkpoint(ckpt)
+    probs = probabilities(export.ort_session(export.export_bytes(model, info)), images)
+    order = np.sort(probs)
+    cut = n // 4 + int(np.argmax(np.diff(order)[n // 4:3 * n // 4]))
+    threshold = float((order[cut] + order[cut + 1]) / 2)
+    out = save_checkpoint(ckpt.parent / "separable.safetensors", model,
+                          CheckpointInfo(model="resnet18", preprocessing=model.preprocessing,
+                                         threshold=threshold))
+    return out, images, (probs >= threshold).astype(np.int64)
+
+
+def test_int8_export_within_the_rule_is_written_with_its_numbers(separable: tuple, tmp_path: Path) -> None:
+    from pneumoscope.export.quantize import Int8Rule, export_int8
+
+    model_file, images, labels = separable
+    rule = Int8Rule(auc_tolerance=0.01, min_agreement=0.95)
+    out = export_int8(model_file, images, labels, tmp_path / "m.int8.onnx", rule=rule)
+    q = json.loads(Path(f"{out}.json").read_text())["quantization"]
+    assert q["auc_fp32"] == 1.0 and abs(q["auc_difference"]) <= 0.01 == q["auc_tolerance"]
+    assert 0.95 <= q["label_agreement"] < 1 and q["n_images"] == len(images) == q["calibration_images"]
+    assert q["max_abs_prob_diff"] > 0  # really quantized
+    assert export.read_onnx_metadata(out)["quantization"] == "int8-static-qdq"
+    # The INT8 file is a model like any other: predict loads it and gives near-fp32 answers.
+    probs = Predictor(out, gate=False).predict_images(list(images[:8]))
+    fp32 = Predictor(model_file, "onnx", gate=False).predict_images(list(images[:8]))
+    assert 0 < np.max(np.abs(probs - fp32)) <= q["max_abs_prob_diff"] + 1e-6
+
+
+def test_int8_export_refuses_when_the_rule_fails(separable: tuple, tmp_path: Path) -> None:
+    from pneumoscope.export.quantize import Int8Rule, export_int8
+
+    model_file, images, labels = separable
+    # The default rule (0.003 AUC, 99.5 % of the labels): this model's INT8 copy falls short.
+    with pytest.raises(export.ParityError, match=r"labels agree on 9\d\.\d+% \(need 99.5%\)"):
+        export_int8(model_file, images, labels, tmp_path / "default.onnx")
+    # Calibrated on black frames: every activation range is wrong, even the loose rule fails.
+    with pytest.raises(export.ParityError, match="not written"):
+        export_int8(model_file, images, labels, tmp_path / "bad.onnx",
+                    rule=Int8Rule(auc_tolerance=0.01, min_agreement=0.95),
+                    calibration=np.zeros((8, 48, 48), dtype=np.uint8))
+    assert not list(tmp_path.glob("*.onnx*"))
+    with pytest.raises(ValueError, match="min_agreement"):
+        Int8Rule(min_agreement=1.5)
+
+
+def test_cli_export_int8_needs_data(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(ckpt), "--quantize", "int8"]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_cli_export_int8_on_the_models_validation_split(ckpt: Path, kermany_tree: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.int8.onnx"
+    argv = ["export", str(ckpt), "--quantize", "int8", "--data", str(kermany_tree), "--out", str(out)]
+    assert main([*argv, "--int8-auc-tolerance", "1", "--int8-min-agreement", "0"]) == 0
+    q = json.loads(Path(f"{out}.json").read_text())["quantization"]
+    assert q["n_images"] > 0 and q["auc_tolerance"] == 1 and q["min_agreement"] == 0
+    assert f"labels agree on {100 * q['label_agreement']:.2f}%" in capsys.readouterr().out

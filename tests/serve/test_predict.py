@@ -395,3 +395,18 @@ def test_predict_files_never_opens_a_fifo(predictor: Predictor, tmp_path: Path) 
     assert not worker.is_alive(), "predict_files blocked on the FIFO"
     assert ["FIFO" in rows[0].error, "input not found" in rows[1].error, "a folder" in rows[2].error] == [
         True, True, True]
+
+
+def test_draft_decode_gives_nearly_the_full_decode_rows(ckpt: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        big = Image.fromarray(make_phantom(rng, 64, pneumonia=i == 1)).resize(
+            (900, 760), Image.Resampling.BICUBIC)
+        big.save(tmp_path / f"big{i}.jpeg", quality=92)
+    paths = sorted(tmp_path.glob("*.jpeg"))
+    draft = Predictor(ckpt).predict_files(paths, progress=False)
+    full = Predictor(ckpt, draft=False).predict_files(paths, progress=False)
+    for d, f in zip(draft, full, strict=True):
+        assert d.prob_pneumonia is not None and f.prob_pneumonia is not None
+        assert abs(d.prob_pneumonia - f.prob_pneumonia) < 0.02
+        assert (d.gate, d.gate_reason) == (f.gate, f.gate_reason)

@@ -33,9 +33,10 @@ from pneumoscope.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
-DECODER_VERSION = 2
+DECODER_VERSION = 3
 """Bump when decoding or resizing changes, so old caches are not reused (2: JPEG/PNG/DICOM
-only, alpha dropped instead of composited on black)."""
+only, alpha dropped instead of composited on black; 3: large JPEGs and DICOMs are decoded at a
+reduced scale, see :data:`pneumoscope.data.decode.DRAFT_MARGIN`)."""
 
 MAX_GB_ENV = "PNEUMOSCOPE_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 20.0
@@ -100,7 +101,7 @@ def _key(records: Sequence[ImageRecord], size: int, workers: int = 2) -> str:
 
 def _decode(path: str, size: int) -> np.ndarray | str:
     try:
-        return resize_square(load_grayscale(path), size)
+        return resize_square(load_grayscale(path, draft_size=size), size)
     except ImageDecodeError as exc:
         return str(exc)
 

@@ -81,6 +81,13 @@ sample of the pixels, so a 50-megapixel photo costs no more than a thumbnail."""
 
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
+DRAFT_MARGIN = 2
+"""With a ``draft_size``, a large JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8,
+libjpeg's scaled IDCT through Pillow's ``Image.draft``) that keeps both sides at least this
+many times ``draft_size``, and a large DICOM is block-averaged by a power of two as far: the
+final square resize still averages >= 2 decoded pixels per output pixel (a margin of 1 is
+faster but about 2.5x further from a full decode; benchmarks/speed2.py measures both)."""
+
 
 @dataclass(frozen=True)
 class DecodedImage:
@@ -195,9 +202,26 @@ def _voi_output_range(ds: Any, apply_voi_lut: Any) -> tuple[float, float] | None
     return None
 
 
-def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> DecodedImage:
+def _shrink_stored(arr: np.ndarray, draft_size: int | None) -> np.ndarray:
+    """Stored DICOM pixels block-averaged by the largest power of two that keeps the short side
+    at least ``DRAFT_MARGIN * draft_size`` (unchanged without one), in their own integer dtype:
+    the LUTs and the float conversion that follow then touch 1/4, 1/16 ... of the pixels. The
+    last ``factor - 1`` rows/columns at most are dropped (under 0.5 % of a film's side)."""
+    factor = 1
+    while draft_size and min(arr.shape) // (2 * factor) >= DRAFT_MARGIN * draft_size:
+        factor *= 2
+    if factor == 1:
+        return arr
+    h, w = arr.shape[0] // factor, arr.shape[1] // factor
+    blocks = arr[:h * factor, :w * factor].reshape(h, factor, w, factor)
+    total = blocks.sum(axis=(1, 3), dtype=np.int64)
+    return ((total + factor * factor // 2) // (factor * factor)).astype(arr.dtype)
+
+
+def _load_dicom(fp: IO[bytes], name: str, max_pixels: int, draft_size: int | None = None) -> DecodedImage:
     """Decode a single-frame grayscale DICOM: Modality LUT (rescale), VOI LUT (window),
-    MONOCHROME1 inverted, scaled to uint8 over the windowed range."""
+    MONOCHROME1 inverted, scaled to uint8 over the windowed range (``draft_size``: see
+    :func:`_shrink_stored`; the reported size stays the header's)."""
     pydicom = _import_pydicom(name)
     try:
         ds = pydicom.dcmread(fp)
@@ -229,6 +253,7 @@ def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> DecodedImage:
                                f"{syntax_name}; {_detail(exc)})") from exc
     if arr.ndim != 2:
         raise ImageDecodeError(f"{name}: DICOM pixel data has shape {arr.shape}, expected 2-D")
+    arr = _shrink_stored(arr, draft_size)
     apply_modality_lut, apply_voi_lut = _dicom_luts()
     try:
         arr = apply_modality_lut(arr, ds)
@@ -249,7 +274,23 @@ def _load_dicom(fp: IO[bytes], name: str, max_pixels: int) -> DecodedImage:
         gray = 255 - gray
     tags = {tag: str(ds.get(tag)).strip().upper() for tag in DICOM_GATE_TAGS
             if ds.get(tag) not in (None, "")}
-    return DecodedImage(gray, gray.shape[1], gray.shape[0], 0.0, tags)
+    return DecodedImage(gray, int(cols), int(rows), 0.0, tags)
+
+
+def _draft(img: Image.Image, draft_size: int | None) -> tuple[int, int] | None:
+    """Ask libjpeg for a DCT-scaled decode of a not yet loaded JPEG (see :data:`DRAFT_MARGIN`);
+    returns the source's displayed (width, height) when it did, else None. The mode is kept
+    (an RGB JPEG stays RGB): the colour check reads the channels."""
+    if not draft_size or img.format != "JPEG":
+        return None
+    width, height = img.size
+    target = DRAFT_MARGIN * draft_size
+    if img.draft(img.mode, (target, target)) is None or img.size == (width, height):
+        return None
+    # exif_transpose turns orientations 5-8 by 90 degrees: the displayed sides swap.
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+        width, height = height, width
+    return width, height
 
 
 def _channel_spread(img: Image.Image) -> float:
@@ -283,12 +324,15 @@ def _to_uint8_gray(img: Image.Image) -> tuple[np.ndarray, float]:
 
 
 def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
-                 name: str | None = None) -> DecodedImage:
+                 name: str | None = None, draft_size: int | None = None) -> DecodedImage:
     """Decode a JPEG/PNG/DICOM file (path or raw bytes) into a :class:`DecodedImage`.
 
     The format is detected from the content, not the file name; other formats are refused
     (:data:`SUPPORTED_FORMATS`). EXIF orientation is applied;
-    DICOM goes through its Modality and VOI LUTs (see :func:`_load_dicom`). Raises
+    DICOM goes through its Modality and VOI LUTs (see :func:`_load_dicom`). ``draft_size``: the
+    side the pixels will be resized to; a JPEG or DICOM far larger is decoded at a reduced
+    scale (:data:`DRAFT_MARGIN`), ``gray`` is then smaller than the source while ``width`` and
+    ``height`` stay the source's. Raises
     :class:`ImageDecodeError`, whose message starts with ``name`` (default: the path, or
     ``<bytes>``), for anything that is not a readable image, or that has more than
     ``max_pixels`` pixels.
@@ -304,7 +348,7 @@ def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
             head = fp.read(_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC))
             fp.seek(0)
             if is_dicom(head):
-                return _load_dicom(fp, name, max_pixels)
+                return _load_dicom(fp, name, max_pixels, draft_size)
             if sniff_format(head) is None:
                 raise _unsupported(name, head)
             # Pillow warns (DecompressionBombWarning) before it errors; we apply our own limit.
@@ -319,6 +363,7 @@ def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
             width, height = img.size
             _check_size(name, width, height, max_pixels)
             try:
+                source_size = _draft(img, draft_size)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 gray, spread = _to_uint8_gray(img)
@@ -329,13 +374,15 @@ def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
         raise
     except Exception as exc:  # any other decoder failure is still the file's fault
         raise ImageDecodeError(f"{name}: cannot decode image ({_detail(exc)})") from exc
-    return DecodedImage(gray, gray.shape[1], gray.shape[0], spread)
+    width, height = source_size or (gray.shape[1], gray.shape[0])
+    return DecodedImage(gray, width, height, spread)
 
 
-def load_grayscale(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_grayscale(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
+                   draft_size: int | None = None) -> np.ndarray:
     """Decode a JPEG/PNG/DICOM file (path or raw bytes) into a 2-D ``uint8`` grayscale array:
     :func:`decode_image`'s pixels (same output, same errors)."""
-    return decode_image(source, max_pixels=max_pixels).gray
+    return decode_image(source, max_pixels=max_pixels, draft_size=draft_size).gray
 
 
 def resize_square(gray: np.ndarray, size: int) -> np.ndarray:

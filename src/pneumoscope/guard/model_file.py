@@ -86,7 +86,7 @@ def assess_records(gate: Gate, paths: Sequence[str], images: np.ndarray) -> list
     decoded = []
     for path, img in zip(paths, images, strict=True):
         try:
-            decoded.append(decode_image(path))
+            decoded.append(decode_image(path, draft_size=np.shape(img)[-1]))
         except (ImageDecodeError, OSError):
             # No source to judge its size or colour by: pass those checks, keep the rest.
             side = max(MIN_SIDE_PX, *np.shape(img))

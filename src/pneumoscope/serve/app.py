@@ -19,6 +19,9 @@ PyTorch weights: with one, ``/v1/explain`` answers 501 (start from the ``.safete
 Uploads stay in memory (see :mod:`pneumoscope.serve.upload`), their type is decided by content
 (JPEG, PNG, DICOM), and decoding and inference run in worker threads, at most
 ``max_concurrency`` at a time, so the event loop keeps answering (``/healthz`` included).
+Predictions are batched dynamically (:mod:`pneumoscope.serve.batching`): uploads decoded
+within ``batch_wait_ms`` of each other run as one model call of at most ``batch_max`` images
+(``batch_max=1``: one call per request); each still gets its own gate verdict and errors.
 Every error is JSON ``{"error": "..."}`` (except the plain-text 400 of an untrusted ``Host``).
 
 Slow and abandoned clients cannot pile up (:class:`ServeLimits`): at most ``max_uploads``
@@ -37,7 +40,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -50,6 +53,7 @@ from pneumoscope.data.decode import MAX_ASPECT, MAX_PIXELS, ImageDecodeError, de
 from pneumoscope.guard.gate import describe_reason
 from pneumoscope.jsonio import json_safe
 from pneumoscope.notice import INTENDED_USE, LIMITATIONS
+from pneumoscope.serve.batching import DEFAULT_BATCH_MAX, DEFAULT_BATCH_WAIT_MS, Batcher
 from pneumoscope.serve.limits import LOOPBACK_HOSTS, ServeLimits, default_allowed_hosts
 from pneumoscope.serve.predict import Backend, Predictor, is_onnx_file
 from pneumoscope.serve.upload import SUPPORTED_TYPES, Upload, UploadError, read_multipart, sniff_type
@@ -181,7 +185,8 @@ class _Service:
     """Everything the endpoints share: the model(s), the limits, the worker limiter."""
 
     def __init__(self, checkpoint: str | Path, backend: Backend, max_upload_bytes: int,
-                 max_pixels: int, max_concurrency: int | None, limits: ServeLimits) -> None:
+                 max_pixels: int, max_concurrency: int | None, limits: ServeLimits,
+                 batch_max: int = DEFAULT_BATCH_MAX, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> None:
         if max_upload_bytes < 1:
             raise ValueError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
         if max_pixels < 64:
@@ -200,6 +205,8 @@ class _Service:
         self._limiter: anyio.CapacityLimiter | None = None
         self.limits = limits
         self.uploads = 0  # requests holding an upload slot (touched only on the event loop)
+        self.batcher = Batcher(self._predict_batch, max_size=batch_max, wait_s=batch_wait_ms / 1000,
+                               run_in_thread=anyio.to_thread.run_sync)
 
     @contextlib.asynccontextmanager
     async def upload_slot(self) -> AsyncIterator[None]:
@@ -257,6 +264,7 @@ class _Service:
             "limits": {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
                        "max_aspect_ratio": MAX_ASPECT, "max_uploads": self.limits.max_uploads,
                        "body_timeout_s": self.limits.body_timeout_s,
+                       "batch_max": self.batcher.max_size, "batch_wait_ms": 1000 * self.batcher.wait_s,
                        "accepted_types": list(SUPPORTED_TYPES) if self.dicom_available
                        else [t for t in SUPPORTED_TYPES if t != "DICOM"]},
             "gate": {"state": self.predictor.gate.state,
@@ -265,10 +273,23 @@ class _Service:
             "intended_use": INTENDED_USE, "limitations": list(LIMITATIONS),
         })
 
-    def predict(self, data: bytes) -> dict[str, Any]:
-        """The answer for one upload; ``probability`` and ``label`` are null when the gate refuses
-        the image (not a chest film) and ``gate`` says why."""
-        row = self.predictor.predict_bytes(data, name="upload")
+    def _predict_batch(self, decoded: Sequence[Any]) -> list[Any]:
+        return self.predictor.predict_decoded(["upload"] * len(decoded), decoded)
+
+    async def predict(self, data: bytes) -> dict[str, Any]:
+        """The answer for one upload: decoded in a worker (its errors are its own), then
+        predicted in a batch with the uploads around it (or alone with ``batch_max`` 1)."""
+        def alone() -> Awaitable[Any]:
+            return self.run(self.predictor.predict_bytes, data, "upload")
+
+        if self.batcher.max_size == 1:
+            return self.answer(await alone())
+        return self.answer(await self.batcher.run(
+            lambda: self.run(self.predictor.decode_bytes, data, "upload"), solo=alone))
+
+    def answer(self, row: Any) -> dict[str, Any]:
+        """The JSON answer for one prediction row; ``probability`` and ``label`` are null when
+        the gate refuses the image (not a chest film) and ``gate`` says why."""
         if row.error:  # a non-finite probability: an error, never a label
             raise ImageDecodeError(row.error)
         reasons = [r for r in (row.gate_reason or "").split(";") if r]
@@ -335,7 +356,8 @@ def _static_files() -> dict[str, bytes]:
 def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
                max_concurrency: int | None = None, limits: ServeLimits | None = None,
-               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+               allowed_hosts: Sequence[str] | None = None, batch_max: int = DEFAULT_BATCH_MAX,
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> FastAPI:
     """The service for one model file (``.safetensors``, or ``.onnx`` with the onnx backend).
 
     The model is loaded here, once. ``max_upload_bytes``: larger uploads get 413 (counted while
@@ -344,9 +366,10 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
     ``limits``: upload slots and body timeout (the connection-level ones act in :func:`serve`).
     ``allowed_hosts``: ``Host`` header values accepted (others get 400; ``"*"`` any); None
     checks nothing here, for embedding and tests: :func:`serve` passes the bound names.
+    ``batch_max``, ``batch_wait_ms``: dynamic batching of predictions (see the module text).
     """
     service = _Service(checkpoint, backend, max_upload_bytes, max_pixels, max_concurrency,
-                       limits or ServeLimits())
+                       limits or ServeLimits(), batch_max, batch_wait_ms)
     static = _static_files()
     app = FastAPI(
         title="PneumoScope",
@@ -394,7 +417,9 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
     async def healthz() -> dict[str, Any]:
         """Liveness: answers from the event loop, even while the workers are busy."""
         return {"status": "ok", "model": service.info.model, "backend": service.predictor.backend,
-                "uploads_in_progress": service.uploads}
+                "uploads_in_progress": service.uploads,
+                "batches": {"run": service.batcher.batches, "requests": service.batcher.items,
+                            "alone": service.batcher.solo}}
 
     @app.get("/v1/model", tags=["model"])
     async def model_card() -> JSONResponse:
@@ -409,7 +434,7 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
         async with service.upload_slot():
             data, _ = await service.read_image(request)
             start = time.perf_counter()
-            result = await service.run(service.predict, data)
+            result = await service.predict(data)
         result["latency_ms"] = round(1000 * (time.perf_counter() - start), 2)
         return JSONResponse(result)
 
@@ -507,7 +532,8 @@ def _h11_with_header_timeout(timeout: float) -> type:
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, backend: Backend = "torch",
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
           limits: ServeLimits | None = None, allowed_hosts: Sequence[str] | None = None,
-          on_ready: Callable[[str], None] | None = None) -> None:
+          on_ready: Callable[[str], None] | None = None, batch_max: int = DEFAULT_BATCH_MAX,
+          batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> None:
     """Create the app and run it with uvicorn until interrupted. ``on_ready(url)`` is called
     once the model is loaded, before the server starts listening. ``allowed_hosts``: default
     :func:`default_allowed_hosts` of ``host``."""
@@ -523,7 +549,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         log.warning("listening on %s, but only requests addressed to %s are answered: name the "
                     "server's host names with --allowed-hosts", host, ", ".join(hosts))
     app = create_app(checkpoint, backend=backend, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
-                     limits=limits, allowed_hosts=hosts)
+                     limits=limits, allowed_hosts=hosts, batch_max=batch_max, batch_wait_ms=batch_wait_ms)
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
         on_ready(f"http://{shown}:{port}/")
@@ -539,5 +565,6 @@ def uvicorn_options(limits: ServeLimits) -> dict[str, Any]:
             "h11_max_incomplete_event_size": limits.max_header_bytes}
 
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LOOPBACK_HOSTS", "SERVICE_CAM_METHODS", "ServeLimits", "create_app",
-           "default_allowed_hosts", "display_image", "serve", "uvicorn_options"]
+__all__ = ["DEFAULT_BATCH_MAX", "DEFAULT_BATCH_WAIT_MS", "DEFAULT_MAX_UPLOAD_BYTES", "LOOPBACK_HOSTS",
+           "SERVICE_CAM_METHODS", "ServeLimits", "create_app", "default_allowed_hosts", "display_image",
+           "serve", "uvicorn_options"]

@@ -94,7 +94,10 @@ class Predictor:
     export``. ``backend``: ``torch`` or ``onnx``; None picks by the file (``.onnx`` → onnx).
     The onnx backend given a checkpoint exports it in memory first (parity is the exporter's
     job; run ``pneumoscope export`` to check it and keep the file). ``tta``: average the
-    logits over :data:`~pneumoscope.evaluation.tta.TTA_VIEWS` (torch backend only).
+    logits over :data:`~pneumoscope.evaluation.tta.TTA_VIEWS` (torch backend only). ``draft``:
+    decode large JPEGs and DICOMs at a reduced scale near the model's input size
+    (:data:`~pneumoscope.data.decode.DRAFT_MARGIN`); False decodes every pixel (slower; the
+    gate's size and colour checks read the same source facts either way).
 
     Thread safety: the torch model is called under a lock (``predict_proba`` switches the
     module to eval mode and torch's intra-op pool already uses every core, so concurrent
@@ -107,7 +110,7 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, backend: Backend | None = None, *,
                  max_pixels: int = MAX_PIXELS, threads: int | None = None, gate: bool = True,
-                 tta: bool = False) -> None:
+                 tta: bool = False, draft: bool = True) -> None:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -120,6 +123,7 @@ class Predictor:
         self.path = path
         self.backend: str = backend
         self.max_pixels = max_pixels
+        self.draft = draft
         self._lock = threading.Lock()
         self._model: Any = None
         self._session: Any = None
@@ -152,6 +156,11 @@ class Predictor:
         return self.info.preprocessing.image_size
 
     @property
+    def draft_size(self) -> int | None:
+        """The ``draft_size`` passed to the decoder (None: full decode)."""
+        return self.image_size if self.draft else None
+
+    @property
     def threshold(self) -> float:
         return self.info.threshold
 
@@ -177,8 +186,9 @@ class Predictor:
                              gate=gate, gate_reason=";".join(verdict.reasons) if verdict else None,
                              ood_score=None if verdict is None else verdict.ood_score)
 
-    def _predict_decoded(self, names: Sequence[str], decoded: Sequence[DecodedImage]) -> list[PredictionRow]:
-        """Rows for decoded images: one model batch and one gate pass over the same pixels."""
+    def predict_decoded(self, names: Sequence[str], decoded: Sequence[DecodedImage]) -> list[PredictionRow]:
+        """Rows for decoded images (any size; :meth:`decode_bytes` gives them at the model's):
+        one model batch and one gate pass over the same pixels, a verdict per image."""
         resized = np.stack([resize_square(d.gray, self.image_size) for d in decoded])
         probs = self._run(resized)
         verdicts = self.gate.assess(decoded, resized)
@@ -212,25 +222,29 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "<bytes>") -> PredictionRow:
         """Predict one encoded image (JPEG/PNG/DICOM bytes). Raises
         :class:`~pneumoscope.data.decode.ImageDecodeError` for unreadable data."""
-        decoded = decode_image(data, max_pixels=self.max_pixels, name=name)
-        return self._predict_decoded([name], [decoded])[0]
+        return self.predict_decoded([name], [self.decode_bytes(data, name)])[0]
+
+    def decode_bytes(self, data: bytes | str | Path, name: str | None = None) -> DecodedImage:
+        """An encoded image (bytes or a path) decoded and already at the model's size: an image
+        waiting for a batch costs O(model input), not O(film); the gate reads the source's
+        size and colour from the other fields. Raises
+        :class:`~pneumoscope.data.decode.ImageDecodeError`."""
+        decoded = decode_image(data, max_pixels=self.max_pixels, name=name, draft_size=self.draft_size)
+        return replace(decoded, gray=resize_square(decoded.gray, self.image_size))
 
     def _decode(self, entry: InputEntry) -> DecodedImage | str:
         """An input decoded and already at the model's size, or the error text of its row."""
         if entry.error is not None:
             return f"{entry.path}: {entry.error}"
         try:
-            decoded = decode_image(entry.path, max_pixels=self.max_pixels)
+            return self.decode_bytes(entry.path)
         except ImageDecodeError as exc:
             return str(exc)
-        # Keep the model's size only: an image waiting in the queue costs O(model input), not
-        # O(film). The gate reads the source's size and colour from the other fields.
-        return replace(decoded, gray=resize_square(decoded.gray, self.image_size))
 
     def _rows(self, chunk: Sequence[InputEntry],
               decoded: Sequence[DecodedImage | str]) -> list[PredictionRow]:
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-        done = self._predict_decoded([str(chunk[i].path) for i in good],
+        done = self.predict_decoded([str(chunk[i].path) for i in good],
                                      [decoded[i] for i in good]) if good else []  # type: ignore[misc]
         by_index = dict(zip(good, done, strict=True))
         rows = []
