@@ -520,6 +520,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pneumoscope.data.decode import MAX_PIXELS
     from pneumoscope.serve.app import serve
+    from pneumoscope.serve.batching import DEFAULT_BATCH_MAX
     from pneumoscope.serve.limits import ServeLimits
     from pneumoscope.serve.predict import resolve_backend
 
@@ -532,10 +533,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
                          max_connections=args.max_connections)
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
-    serve(args.checkpoint, host=args.host, port=args.port,
-          backend=resolve_backend(args.checkpoint, args.backend),
+    backend = resolve_backend(args.checkpoint, args.backend)
+    # ONNX Runtime's per-image cost does not fall with the batch (speed2-cpu.md): no batching there.
+    default_batch = 1 if backend == "onnx" else DEFAULT_BATCH_MAX
+    batch_max = args.batch_max if args.batch_max is not None else default_batch
+    serve(args.checkpoint, host=args.host, port=args.port, backend=backend,
           max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or MAX_PIXELS,
-          limits=limits, allowed_hosts=hosts, batch_max=args.batch_max, batch_wait_ms=args.batch_wait_ms,
+          limits=limits, allowed_hosts=hosts, batch_max=batch_max, batch_wait_ms=args.batch_wait_ms,
           on_ready=lambda url: print(f"PneumoScope: open {url} (API docs: {url}docs); Ctrl+C stops",
                                      flush=True))
     return 0
@@ -700,9 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{limits.keep_alive_s:g})")
     p.add_argument("--max-connections", type=int, default=limits.max_connections,
                    help=f"open connections before new requests get 503 (default {limits.max_connections})")
-    p.add_argument("--batch-max", type=int, default=DEFAULT_BATCH_MAX, metavar="N",
+    p.add_argument("--batch-max", type=int, metavar="N",
                    help=f"most uploads predicted in one model call (dynamic batching; default "
-                   f"{DEFAULT_BATCH_MAX}; 1: one call per request)")
+                   f"{DEFAULT_BATCH_MAX} with the torch backend, 1 with onnx, whose per-image cost does "
+                   "not fall with the batch: benchmarks/results/speed2-cpu.md; 1: one call per request)")
     p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS, metavar="MS",
                    help=f"longest an upload waits for others to share its model call (default "
                    f"{DEFAULT_BATCH_WAIT_MS:g}; a lone request never waits)")

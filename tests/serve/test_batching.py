@@ -179,3 +179,19 @@ def test_cli_serve_passes_the_batch_settings(ckpt: Path, monkeypatch: pytest.Mon
     batcher = seen["app"].state.service.batcher  # type: ignore[attr-defined]
     assert (batcher.max_size, batcher.wait_s) == (1, 0.002)
     assert main(["serve", str(ckpt), "--batch-max", "0"]) == 2
+
+
+def test_cli_serve_batches_by_default_with_torch_only(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's per-image cost does not fall with the batch (speed2-cpu.md): no batching."""
+    pytest.importorskip("onnxruntime")
+    import uvicorn
+
+    from pneumoscope.cli import main
+    from pneumoscope.serve.batching import DEFAULT_BATCH_MAX
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    assert main(["serve", str(ckpt)]) == 0
+    assert seen["app"].state.service.batcher.max_size == DEFAULT_BATCH_MAX  # type: ignore[attr-defined]
+    assert main(["serve", str(ckpt), "--backend", "onnx"]) == 0
+    assert seen["app"].state.service.batcher.max_size == 1  # type: ignore[attr-defined]
