@@ -763,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         args.precision_epochs = 1
 
     from _env import hardware, versions
+    from _sections import run_sections
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -787,18 +788,9 @@ def main(argv: list[str] | None = None) -> int:
                                    if k in previous}]
     runners = {"train": section_train, "infer": section_infer, "predict": section_predict,
                "levers": section_levers, "precision": section_precision, "scale": section_scale}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for name in sections:
-        log(f"[{name}]")
-        result["sections"][name] = runners[name](args, log)
-        result.setdefault("provenance", {})[name] = {
-            "command": result["command"], "git_commit": result["versions"].get("git_commit"),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_1m": round(os.getloadavg()[0], 2)}
-        result["wall_time_s"] = time.perf_counter() - start
-        # Written after every section: a long run interrupted late keeps what it measured.
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(to_markdown(result) + "\n")
-    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    run_sections(sections, runners, args, log, result, out, to_markdown, start,
+                 provenance={"command": result["command"],
+                             "git_commit": result["versions"].get("git_commit")})
     return 0
 
 

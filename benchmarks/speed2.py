@@ -616,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.metadata
 
     from _env import hardware, versions
+    from _sections import run_sections
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -629,18 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         result["versions"][pkg] = importlib.metadata.version(pkg)
     runners = {"decode": section_decode, "predict": section_predict, "folder": section_folder,
                "serve": section_serve, "int8": section_int8}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for name in sections:
-        log(f"[{name}]")
-        result["sections"][name] = runners[name](args, log)
-        result["provenance"][name] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                      "load_average_1m": round(os.getloadavg()[0], 2)}
-        result["wall_time_s"] = time.perf_counter() - start
-        # Written after every section: an interrupted run keeps what it measured.
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(to_markdown(result) + "\n")
-    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    run_sections(sections, runners, args, log, result, Path(args.out), to_markdown, start)
     return 0
 
 
