@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.config import RunConfig, load_config, parse_override, save_config
+from pneumoscope.config import RunConfig, checkpoint_split_seed, load_config, parse_override, save_config
 
 
 def test_defaults_yaml_and_overrides(tmp_path: Path) -> None:
@@ -75,3 +75,14 @@ def test_strategies_that_pickle_the_run_into_new_processes_are_refused() -> None
     for strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
         with pytest.raises(ValueError, match=f"train.strategy '{strategy}' is not supported: use ddp"):
             load_config(dotted=[f"train.strategy={strategy}"])
+
+
+def test_split_seed_defaults_to_the_training_seed_and_can_be_pinned() -> None:
+    assert load_config(dotted=["train.seed=3"]).split_seed == 3
+    pinned = load_config(dotted=["train.seed=3", "data.split_seed=0"])
+    assert (pinned.split_seed, pinned.train.seed) == (0, 3)
+    with pytest.raises(ValueError, match=r"data\.split_seed must be >= 0"):
+        load_config(dotted=["data.split_seed=-1"])
+    assert checkpoint_split_seed(pinned.to_dict(), 42) == 0
+    assert checkpoint_split_seed(load_config(dotted=["train.seed=5"]).to_dict(), 42) == 5
+    assert checkpoint_split_seed({}, 42) == 42

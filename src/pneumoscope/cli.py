@@ -21,7 +21,7 @@ from typing import Any
 # Commands import their stage when they run: `pneumoscope --help` and `models` stay instant,
 # and a command whose optional extra is missing fails alone, with the install hint.
 from pneumoscope import __version__, logs
-from pneumoscope.config import RunConfig, load_config
+from pneumoscope.config import RunConfig, checkpoint_split_seed, load_config
 from pneumoscope.runs import SplitReport
 from pneumoscope.runtime import keep_freed_memory
 
@@ -428,15 +428,14 @@ def _row_verdict(row: Any) -> str:
 
 
 def _model_splits(checkpoint: str, data: str) -> tuple[Any, dict[str, Any]]:
-    """A checkpoint's info and its own patient-grouped split of ``data`` (by its training seed),
+    """A checkpoint's info and its own patient-grouped split of ``data`` (by its split seed),
     decoded at its input size."""
     from pneumoscope.data.datasets import load_splits
     from pneumoscope.models.checkpoint import read_info
 
     info = read_info(checkpoint)
     config = load_config(dotted=[f"data.root={data}", f"data.image_size={info.preprocessing.image_size}"])
-    seed = int((info.config.get("train") or {}).get("seed", config.train.seed))
-    return info, load_splits(config.data, seed)
+    return info, load_splits(config.data, checkpoint_split_seed(info.config, config.train.seed))
 
 
 def cmd_gate_fit(args: argparse.Namespace) -> int:

@@ -46,6 +46,10 @@ class DataConfig:
     image_size: int = 224
     val_fraction: float = 0.15
     """Share of the train pool's patients held out for validation (grouped by patient)."""
+    split_seed: int | None = None
+    """Seed of the patient-grouped validation split; ``None``: ``train.seed``. Deep-ensemble
+    members share one split (same ``split_seed``) and differ in ``train.seed`` only, so no
+    member's validation film is another member's training film."""
     class_balance: str = "loss"
     """``loss``: class-weighted loss; ``sampler``: weighted sampling; ``none``."""
     augment: str = "light"
@@ -76,6 +80,8 @@ class DataConfig:
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(0.0 < self.subset <= 1.0, f"data.subset must be in (0, 1], got {self.subset}")
+        _check(self.split_seed is None or self.split_seed >= 0,
+               f"data.split_seed must be >= 0 or null, got {self.split_seed}")
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,11 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.out) / (self.name or f"{self.model.name}-seed{self.train.seed}")
 
+    @property
+    def split_seed(self) -> int:
+        """The seed of the validation split: ``data.split_seed``, else ``train.seed``."""
+        return self.train.seed if self.data.split_seed is None else self.data.split_seed
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON values (tuples become lists)."""
         return json_safe(dataclasses.asdict(self))
@@ -387,3 +398,10 @@ def with_overrides(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
     write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def checkpoint_split_seed(saved: dict[str, Any], default: int) -> int:
+    """The validation-split seed of a run from its saved config (``data.split_seed``, else
+    ``train.seed``; ``default`` for files that record neither)."""
+    split = (saved.get("data") or {}).get("split_seed")
+    return int(split) if split is not None else int((saved.get("train") or {}).get("seed", default))

@@ -67,7 +67,7 @@ def train(config: RunConfig, *, resume: bool = False, splits: dict[str, SplitDat
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     with track_run(config, layout.root, parent=tracking_parent, resume=resume) as tracker:
         if splits is None:
-            splits = load_splits(config.data, config.train.seed)
+            splits = load_splits(config.data, config.split_seed)
         if lead:
             layout.splits_dir.mkdir(exist_ok=True)
             for name, split in splits.items():
@@ -205,7 +205,7 @@ def compare(config: RunConfig, *, resume: bool = False, progress: bool = True,
         check_finished_trial(trial)
     pending = [t for t in trials if not RunLayout(t.run_dir).finished]
     # Decoded once, shared by all models (and not at all when every trial is finished).
-    splits = load_splits(config.data, config.train.seed) if pending else {}
+    splits = load_splits(config.data, config.split_seed) if pending else {}
     run = executor or run_sequential
     # One MLflow "compare" run holds the leaderboard; the model runs nest under it.
     with track_run(study_config(config, sources), out, kind="compare", resume=resume) as parent:
