@@ -28,6 +28,29 @@ Protocol (the test split is never loaded here):
   rule is adopted only if it wins.
 Writes ``benchmarks/results/recipe-search-kermany.{json,md}``; ``accuracy.py`` then runs the
 chosen recipe with 3 seeds and reads the test split once per seed, at the end.
+
+Round 3 (issue #16, ``--round 3``; written down in this file before any of its runs and
+before any new test evaluation):
+
+    python benchmarks/recipe_search.py --data ../shared/data/chest_xray --round 3
+
+- Base: the round-2 winner (texture augmentation, 160 px, 4 epochs), validation split of
+  ``data.split_seed=0``, the test split removed before training. Retrained on this code.
+- Candidates (:data:`ROUND3`, listed simplest first): the single model; with test-time
+  augmentation (``pneumoscope.evaluation.tta.TTA_VIEWS``, threshold re-chosen on the TTA
+  validation probabilities); EfficientNet-Lite1 (offline weights) at the same size and
+  budget, with and without TTA; a deep ensemble of 3 (``train.seed`` 0, 1, 2 on the one split,
+  built by ``pneumoscope.models.ensemble.build_ensemble``: averaged logits, threshold and gate
+  re-fitted on the shared validation split), with and without TTA.
+- Criterion: the round-2 criterion (balanced accuracy at the candidate's own validation-chosen
+  threshold, mean over the stress families that no candidate trains for). Budget: a candidate
+  whose recipe (all members' training) takes over 60 minutes on these 2 cores is not eligible.
+  The simplest eligible candidate within MARGIN (0.005) of the best wins.
+- Threshold rule for the winner: clean vs clean+stressed Youden, leave one family out, as in
+  round 2. The k-fold out-of-fold threshold (``pneumoscope threshold-oof``) is not searched:
+  it costs k more trainings per seed (5 x 10 minutes here), beyond this budget.
+Writes ``benchmarks/results/recipe-search-kermany-r3.{json,md}``; ``accuracy.py`` runs the
+winner as recipe ``kermany-r3`` (3 split seeds; for split seed 0 it reuses these runs).
 """
 
 from __future__ import annotations
@@ -57,6 +80,7 @@ from pneumoscope.evaluation.inference import predict_proba
 from pneumoscope.evaluation.metrics import binary_metrics
 from pneumoscope.evaluation.stress import STRESS_TESTS, stress_probabilities, stress_report
 from pneumoscope.evaluation.threshold import choose_threshold
+from pneumoscope.evaluation.tta import TTA_VIEWS
 from pneumoscope.models.checkpoint import load_checkpoint
 from pneumoscope.pipeline import train
 from pneumoscope.runs import RunLayout, read_summary
@@ -86,6 +110,44 @@ CANDIDATES: dict[str, Candidate] = {
     "texture": Candidate(("data.augment=texture", "eval.n_bootstrap=200"), 2,
                          ("recipe-search", "lite0-texture-seed0")),
 }
+
+
+@dataclass(frozen=True)
+class Round3Candidate:
+    """A recipe of round 3: a model trained with :data:`ROUND3_BASE` by each of ``seeds``
+    (one seed: a single model; several: a deep ensemble of them), scored with or without TTA."""
+
+    model: str
+    seeds: tuple[int, ...]
+    tta: bool
+
+
+ROUND3_BASE = ("data.augment=texture", "eval.n_bootstrap=200")
+ROUND3: dict[str, Round3Candidate] = {
+    "texture": Round3Candidate("efficientnet_lite0", (0,), False),
+    "texture+tta": Round3Candidate("efficientnet_lite0", (0,), True),
+    "lite1-texture": Round3Candidate("efficientnet_lite1", (0,), False),
+    "lite1-texture+tta": Round3Candidate("efficientnet_lite1", (0,), True),
+    "texture-ens3": Round3Candidate("efficientnet_lite0", (0, 1, 2), False),
+    "texture-ens3+tta": Round3Candidate("efficientnet_lite0", (0, 1, 2), True),
+}
+ROUND3_SPLIT_SEED = 0
+ROUND3_RUNS = "recipe-search-r3"
+BUDGET_S = 3600.0
+"""The issue's budget for the whole headline recipe (all members) on 2 CPU cores."""
+
+
+def round3_member_config(model: str, seed: int, split_seed: int, root: str, runs: Path) -> RunConfig:
+    """One member run of a round-3 recipe (``accuracy.py`` uses it too, so split seed 0's
+    members are trained once)."""
+    short = model.replace("efficientnet_", "")
+    return load_config(dotted=[*COMMON, *ROUND3_BASE, f"model.name={model}", f"data.root={root}",
+                               f"data.split_seed={split_seed}", f"train.seed={seed}",
+                               f"out={runs / ROUND3_RUNS}",
+                               f"name={short}-texture-split{split_seed}-seed{seed}",
+                               "tracking.enabled=false"])
+
+
 # Stress families an augmentation setting already trains for; those leave the criterion.
 COVERS = {"contrast": ("contrast",), "gamma": ("gamma",), "noise": ("noise",),
           "blur": ("blur", "low_resolution")}
@@ -121,24 +183,36 @@ def ensure_trained(config: RunConfig) -> None:
     """Train the candidate on train/val only; the test split is dropped before training."""
     if RunLayout(config.run_dir).metrics.is_file():
         return
-    splits = load_splits(config.data, SEED)
+    splits = load_splits(config.data, config.split_seed)
     splits.pop("test", None)
-    train(config, splits=splits, progress=False)
+    train(config, splits=splits, progress=False, resume=(config.run_dir / "checkpoints").is_dir())
 
 
 def balanced_accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
     return binary_metrics(labels, probs, threshold)["balanced_accuracy"]
 
 
-def stress_scores(config: RunConfig) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
-    """Validation labels, probabilities per condition (``clean`` + each stress test), threshold."""
+def stress_scores(config: RunConfig, model_file: Path | None = None,
+                  tta: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+    """Validation labels, probabilities per condition (``clean`` + each stress test), threshold.
+
+    ``model_file``: score this file (an ensemble) instead of the run's model, on the run's
+    validation split. ``tta``: with test-time augmentation; the threshold is then re-chosen with
+    the file's rule on the TTA validation probabilities (what ``eval.tta`` does in training).
+    """
     layout = RunLayout(config.run_dir)
-    model, info = load_checkpoint(layout.model, channels_last=True)
+    model, info = load_checkpoint(model_file or layout.model, channels_last=True)
     records = read_records(layout.split_file("val"))
     images = np.asarray(cached_images(records, config.data.image_size).images)
     labels = np.array([r.label for r in records])
-    probs = {"clean": predict_proba(model, images), **stress_probabilities(model, images)}
-    return labels, probs, float(info.threshold)
+    views = TTA_VIEWS if tta else None
+    probs = {"clean": predict_proba(model, images, tta=views),
+             **stress_probabilities(model, images, tta=views)}
+    threshold = float(info.threshold)
+    if tta:
+        threshold = choose_threshold(labels, probs["clean"], config.eval.threshold_method,
+                                     config.eval.target_sensitivity)
+    return labels, probs, threshold
 
 
 def summarise(labels: np.ndarray, probs: dict[str, np.ndarray], threshold: float,
@@ -229,14 +303,125 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def round3_runs(name: str, root: str, runs: Path) -> list[RunConfig]:
+    c = ROUND3[name]
+    return [round3_member_config(c.model, seed, ROUND3_SPLIT_SEED, root, runs) for seed in c.seeds]
+
+
+def round3_model_file(configs: list[RunConfig]) -> Path | None:
+    """``None`` for a single model (its run's file); else the ensemble file, built once."""
+    if len(configs) == 1:
+        return None
+    from pneumoscope.models.ensemble import build_ensemble
+
+    seeds = "".join(str(c.train.seed) for c in configs)
+    name = f"{configs[0].model.name}-ens-split{ROUND3_SPLIT_SEED}-seeds{seeds}.safetensors"
+    out = Path(configs[0].out) / name
+    if not out.is_file():
+        build_ensemble([c.run_dir for c in configs], out)
+    return out
+
+
+def choose_round3(results: dict[str, dict[str, Any]]) -> str:
+    """The simplest (first listed) eligible candidate within MARGIN of the best eligible one."""
+    eligible = [n for n, r in results.items() if r["eligible"]]
+    if not eligible:
+        raise SystemExit(f"no candidate trains within the {BUDGET_S:.0f} s budget")
+    best = max(results[n]["stress"]["criterion"] for n in eligible)
+    return next(n for n in eligible if results[n]["stress"]["criterion"] >= best - MARGIN)
+
+
+def main_round3(args: argparse.Namespace) -> None:
+    runs = Path(args.runs)
+    members = {c.run_dir: c for name in ROUND3 for c in round3_runs(name, args.data, runs)}
+    for i, config in enumerate(members.values(), 1):
+        logging.info("round 3: training %d/%d: %s", i, len(members), config.run_dir)
+        ensure_trained(config)
+    if args.train_only:
+        return
+    families = criterion_families()
+    results: dict[str, dict[str, Any]] = {}
+    for name, candidate in ROUND3.items():
+        configs = round3_runs(name, args.data, runs)
+        model_file = round3_model_file(configs)
+        labels, probs, threshold = stress_scores(configs[0], model_file, candidate.tta)
+        train_s = sum(read_summary(c.run_dir).wall_time_s for c in configs)
+        results[name] = {"model": candidate.model, "seeds": list(candidate.seeds), "tta": candidate.tta,
+                         "runs": [str(c.run_dir) for c in configs],
+                         "model_file": str(model_file or RunLayout(configs[0].run_dir).model),
+                         "train_s": train_s, "eligible": train_s <= BUDGET_S,
+                         "stress": summarise(labels, probs, threshold, families),
+                         "threshold_rules": threshold_rules(labels, probs)}
+        logging.info("%s: criterion %.3f (train %.0f s)", name, results[name]["stress"]["criterion"], train_s)
+    chosen = choose_round3(results)
+    result = {"dataset": f"Kermany chest_xray (validation split of split seed {ROUND3_SPLIT_SEED}; "
+                         "test not loaded)",
+              "base_overrides": [*COMMON, *ROUND3_BASE], "candidates": results,
+              "criterion_families": list(families),
+              "families": sorted({f for f, _ in STRESS_TESTS.values()}), "margin": MARGIN,
+              "budget_s": BUDGET_S, "chosen_recipe": chosen,
+              "chosen_threshold_rule": results[chosen]["threshold_rules"]["chosen"],
+              "hardware": hardware(), "versions": versions(),
+              "command": shlex.join([sys.executable, *sys.argv]),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe-search-kermany-r3.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "recipe-search-kermany-r3.md").write_text(markdown_round3(result))
+    logging.info("round 3 chosen: %s; wrote %s", chosen, out / "recipe-search-kermany-r3.md")
+
+
+def markdown_round3(result: dict[str, Any]) -> str:
+    families = ", ".join(result["criterion_families"])
+    lines = ["# Recipe search, round 3 (issue #16): zoo, deep ensembles, TTA — validation only", "",
+             f"Command: `{result['command']}`  ", f"Hardware: {result['hardware']['cpu']}  ",
+             f"Base: `{' '.join(result['base_overrides'])}`; {result['dataset']}. Criterion: balanced "
+             f"accuracy at each candidate's validation-chosen threshold, mean over the stress families no "
+             f"candidate trains for ({families}); eligible if all its trainings take <= "
+             f"{result['budget_s']:.0f} s on these cores; the simplest eligible candidate within "
+             f"{result['margin']} of the best wins.", "",
+             "| candidate | model | members (train seeds) | TTA | clean val AUC | clean val bal. acc | "
+             "threshold | criterion | spec / sens (criterion families) | bal. acc, all stress tests | "
+             "train s | eligible |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result["candidates"].items():
+        s, clean = r["stress"], r["stress"]["per_test"]["clean"]
+        mark = " **(chosen)**" if name == result["chosen_recipe"] else ""
+        lines.append(
+            f"| {name}{mark} | {r['model']} | {', '.join(map(str, r['seeds']))} | "
+            f"{'yes' if r['tta'] else 'no'} | {clean['auc']:.4f} | {clean['balanced_accuracy']:.3f} | "
+            f"{s['threshold']:.3f} | {s['criterion']:.3f} | "
+            f"{s['specificity']:.3f} / {s['sensitivity']:.3f} | {s['balanced_accuracy_all_stress']:.3f} | "
+            f"{r['train_s']:.0f} | {'yes' if r['eligible'] else 'no'} |")
+    lines += ["", "Per stress test: balanced accuracy (specificity / sensitivity) at the candidate's "
+              "threshold:", "", "| candidate | " + " | ".join(["clean", *STRESS_TESTS]) + " |",
+              "|---|" + "---|" * (len(STRESS_TESTS) + 1)]
+    for name, r in result["candidates"].items():
+        cells = [f"{v['balanced_accuracy']:.3f} ({v['specificity']:.2f}/{v['sensitivity']:.2f})"
+                 for v in r["stress"]["per_test"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rules = result["candidates"][result["chosen_recipe"]]["threshold_rules"]["mean_balanced_accuracy"]
+    lines += ["", f"**Chosen: {result['chosen_recipe']}**; threshold rule "
+              f"**{result['chosen_threshold_rule']}** (leave one stress family out, mean balanced "
+              f"accuracy clean Youden {rules['clean_youden']:.3f} vs clean+stressed Youden "
+              f"{rules['stressed_youden']:.3f}).", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="Kermany folder (e.g. ../shared/data/chest_xray)")
     parser.add_argument("--runs", default="runs", help="parent of the run folders")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--round", type=int, choices=(2, 3), default=2,
+                        help="2: the round 1-2 search (recipe-search-kermany); 3: issue #16's")
+    parser.add_argument("--train-only", action="store_true",
+                        help="round 3: train the candidates' runs (resumable), score nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.round == 3:
+        main_round3(args)
+        return
     families = criterion_families()
     results: dict[str, dict[str, Any]] = {}
     for name, candidate in CANDIDATES.items():
