@@ -38,8 +38,7 @@ before any new test evaluation):
   ``data.split_seed=0``, the test split removed before training. Retrained on this code.
 - Candidates (:data:`ROUND3`, listed simplest first): the single model; with test-time
   augmentation (``pneumoscope.evaluation.tta.TTA_VIEWS``, threshold re-chosen on the TTA
-  validation probabilities); EfficientNet-Lite1 (offline weights) at the same size and
-  budget, with and without TTA; a deep ensemble of 3 (``train.seed`` 0, 1, 2 on the one split,
+  validation probabilities); a deep ensemble of 3 (``train.seed`` 0, 1, 2 on the one split,
   built by ``pneumoscope.models.ensemble.build_ensemble``: averaged logits, threshold and gate
   re-fitted on the shared validation split), with and without TTA.
 - Criterion: the round-2 criterion (balanced accuracy at the candidate's own validation-chosen
@@ -49,6 +48,10 @@ before any new test evaluation):
 - Threshold rule for the winner: clean vs clean+stressed Youden, leave one family out, as in
   round 2. The k-fold out-of-fold threshold (``pneumoscope threshold-oof``) is not searched:
   it costs k more trainings per seed (5 x 10 minutes here), beyond this budget.
+- Not searched, for cost on these 2 cores (decided before any round-3 result existed, when
+  the first run showed training at ~2.5x its quiet-machine time while the machine was shared):
+  EfficientNet-Lite1/Lite2 (offline weights installed; ~1.5x Lite0's cost at 160 px, ~2.3x /
+  ~3x at their native 240 / 260 px) and larger input sizes. On a GPU they are minutes each.
 Writes ``benchmarks/results/recipe-search-kermany-r3.{json,md}``; ``accuracy.py`` runs the
 winner as recipe ``kermany-r3`` (3 split seeds; for split seed 0 it reuses these runs).
 """
@@ -126,8 +129,6 @@ ROUND3_BASE = ("data.augment=texture", "eval.n_bootstrap=200")
 ROUND3: dict[str, Round3Candidate] = {
     "texture": Round3Candidate("efficientnet_lite0", (0,), False),
     "texture+tta": Round3Candidate("efficientnet_lite0", (0,), True),
-    "lite1-texture": Round3Candidate("efficientnet_lite1", (0,), False),
-    "lite1-texture+tta": Round3Candidate("efficientnet_lite1", (0,), True),
     "texture-ens3": Round3Candidate("efficientnet_lite0", (0, 1, 2), False),
     "texture-ens3+tta": Round3Candidate("efficientnet_lite0", (0, 1, 2), True),
 }
