@@ -153,7 +153,8 @@ def test_a_file_chosen_with_tta_is_calibrated_with_tta(ckpt: Path, site: Path, t
     model, info = load_checkpoint(ckpt)
     tta_file = save_checkpoint(tmp_path / "tta.safetensors", model,
                                replace(info, tta=view_names(TTA_VIEWS), created=""))
-    result = calibrate_checkpoint(tta_file, site, out=tmp_path / "site.safetensors", n_resamples=0)
+    with pytest.warns(SmallSiteWarning):
+        result = calibrate_checkpoint(tta_file, site, out=tmp_path / "site.safetensors", n_resamples=0)
     decoded = decode_images(scan_tree(site), SIZE)
     probs = predict_proba(model, decoded.images, tta=TTA_VIEWS)
     assert result.calibration.threshold == pytest.approx(choose_threshold(decoded.labels, probs), abs=1e-6)
