@@ -114,11 +114,12 @@ def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def check_output(checkpoint: Path, out: Path, overwrite: bool) -> None:
-    """A site step writes a new file: never the input, an existing file only when asked."""
+    """A step on a model file (calibrate, adapt, threshold-oof) writes a new file: never the
+    input, an existing file only when asked."""
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if out.resolve() == checkpoint.resolve() or (out.exists() and out.samefile(checkpoint)):
-        raise ValueError(f"out {out} is the input checkpoint: a site step writes a new file and "
+        raise ValueError(f"out {out} is the input checkpoint: this step writes a new file and "
                          "never modifies the original; choose another --out")
     if out.suffix != ".safetensors":
         raise ValueError(f"out must end in .safetensors, got {out}")
