@@ -75,8 +75,12 @@ GATE_EXAMPLE = """example (a model trained before the gate existed):
   pneumoscope gate fit runs/old/model.safetensors --data ../shared/data/chest_xray \
       --out runs/old/model-gated.safetensors"""
 TTA_HELP = ("test-time augmentation: average the logits over identity, ±5%% scale and ±3° "
-            "rotation (5 forward passes per image); the threshold stays the model file's, "
-            "chosen without TTA")
+            "rotation (5 forward passes per image). Default: as the model file says (on when its "
+            "threshold was chosen with TTA, eval.tta); --tta/--no-tta against the file warn that "
+            "the threshold was chosen the other way")
+OOF_EXAMPLE = """example (5 extra trainings of the run's recipe: about 4x its training time):
+  pneumoscope threshold-oof runs/efficientnet_lite0-seed42 --folds 5 --data ../shared/data/chest_xray
+  # -> runs/efficientnet_lite0-seed42/model-oof5.safetensors; rerun the same command to resume"""
 SERVE_EXAMPLE = """example:
   pneumoscope serve runs/efficientnet_lite0-seed42/model.safetensors   # http://127.0.0.1:8000/
   pneumoscope serve model.safetensors --backend onnx --port 8080 --max-upload-mb 10"""
@@ -325,6 +329,25 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_threshold_oof(args: argparse.Namespace) -> int:
+    from pneumoscope.oof import threshold_oof
+
+    logs.tame_lightning(args.verbose)
+    result = threshold_oof(args.run_dir, folds=args.folds, data=args.data, out=args.out,
+                           overwrite=args.overwrite, progress=sys.stderr.isatty())
+    step = result.step
+    print(f"{args.run_dir}: {step['folds']}-fold cross-validation inside the training split, "
+          f"{step['n_oof']} out-of-fold films ({len(result.trained)} fold(s) trained now)")
+    print("  held-out AUC per fold: " + ", ".join(f"{a:.4f}" for a in result.fold_auc))
+    print(f"  threshold {result.previous_threshold:.4f} ({step['previous']['threshold_method']}) -> "
+          f"{result.threshold:.4f} ({result.rule.label})")
+    for name, values in step["validation"].items():
+        print(f"  validation at the {name} threshold: sensitivity {_fmt3(values['sensitivity'])}, "
+              f"specificity {_fmt3(values['specificity'])}")
+    print(f"model file: {result.out} (the run's weights; its own model file is unchanged)")
+    return 0
+
+
 def cmd_data_download(args: argparse.Namespace) -> int:
     from pneumoscope.data.download import DEFAULT_URL, download_kermany
 
@@ -407,7 +430,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if counts.already_done:
         notes.append(f"{counts.already_done} already in {out}")
     print(f"{predictor.info.model} ({predictor.backend}, threshold {predictor.threshold:.3f}, "
-          f"gate {predictor.gate.state}): {counts.rows} file(s), {counts.failed} failed, "
+          f"gate {predictor.gate.state}{', TTA' if predictor.tta else ''}): {counts.rows} file(s), "
+          f"{counts.failed} failed, "
           f"{counts.refused} refused as not chest films, {counts.warned} flagged unlike the training "
           f"films" + "".join(f"; {n}" for n in notes) + (f"; results: {out}" if out else ""))
     return 1 if counts.failed else 0
@@ -539,8 +563,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.checkpoint, host=args.host, port=args.port, backend=backend,
           max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels or MAX_PIXELS,
           limits=limits, allowed_hosts=hosts, batch_max=batch_max, batch_wait_ms=args.batch_wait_ms,
-          on_ready=lambda url: print(f"PneumoScope: open {url} (API docs: {url}docs); Ctrl+C stops",
-                                     flush=True))
+          tta=args.tta, on_ready=lambda url: print(
+              f"PneumoScope: open {url} (API docs: {url}docs); Ctrl+C stops", flush=True))
     return 0
 
 
@@ -575,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score the images under fixed acquisition changes (gamma, contrast, "
                         "blur, noise, JPEG, low resolution, equalisation, sharpening)")
     p.add_argument("--no-gate", action="store_true", help="do not run the input gate")
-    p.add_argument("--tta", action="store_true", help=TTA_HELP)
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help=TTA_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train and compare several models on the same split",
@@ -618,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a Grad-CAM overlay PNG and heatmap .npy per image into DIR")
     p.add_argument("--no-gate", action="store_true",
                    help="research only: skip the input gate (recorded as gate=off in the output)")
-    p.add_argument("--tta", action="store_true", help=TTA_HELP + " (torch backend only)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help=TTA_HELP + " (torch backend only)")
     p.add_argument("--full-decode", action="store_true",
                    help="decode every pixel of large JPEGs/DICOMs (default: decode at a reduced "
                    "scale near the model's input size, several times faster)")
@@ -713,7 +737,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-hosts", metavar="H1,H2",
                    help="Host header values accepted (default: 127.0.0.1, localhost, [::1] and --host; "
                         "'*' = any); others get 400")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help=TTA_HELP + " (torch backend only; /v1/model shows it)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("threshold-oof", help="a run's threshold from out-of-fold predictions of a "
+                       "k-fold cross-validation inside its training split (k extra trainings), as a "
+                       "new model file", epilog=OOF_EXAMPLE, formatter_class=fmt)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (its config.yaml is the recipe)")
+    p.add_argument("--folds", type=int, default=5, help="k (default 5): k trainings of the recipe")
+    p.add_argument("--data", help="the run's data folder (or .npz), where it is now (default: the "
+                   "path in its config.yaml)")
+    p.add_argument("--out", help="the new model file (default RUN_DIR/model-oof<K>.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_threshold_oof)
 
     p = sub.add_parser("calibrate", help="fit a model's threshold (and temperature) on a site's "
                        "labelled films, as a new model file", epilog=CALIBRATE_EXAMPLE,

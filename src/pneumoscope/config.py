@@ -174,6 +174,11 @@ class EvalConfig:
     """Fit the input gate (:mod:`pneumoscope.guard`) at the end of training and store it in the
     model file: one forward pass of a frozen ImageNet network over up to 2,000 training films,
     validation and 500 stress-tested validation films per stress test."""
+    tta: bool = False
+    """Choose the threshold (and score validation, its stress tests and test) with test-time
+    augmentation (:mod:`pneumoscope.evaluation.tta`): the model file records it, and evaluate,
+    predict and serve then use TTA by default. Off by default: every prediction then costs 5
+    forward passes instead of 1, for a gain that validation has to show first."""
     n_bootstrap: int = 1000
     bootstrap_seed: int = 0
     group_by: str | None = None

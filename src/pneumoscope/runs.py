@@ -11,6 +11,9 @@ away at run time. A run folder::
     RUN/model.safetensors      self-describing model (weights + preprocessing + threshold)
     RUN/metrics.json           validation and test reports with 95% CIs (:class:`RunSummary`)
     RUN/predictions_{val,test}.csv
+    RUN/oof/k<K>/fold<I>/      run folders of an out-of-fold threshold study (threshold-oof)
+    RUN/oof/k<K>/predictions_oof.csv   and each training film's out-of-fold probability
+    RUN/model-oof<K>.safetensors       the run's weights with the out-of-fold threshold
 
 A compare (study) folder holds one run folder per model plus ``leaderboard.{json,csv,md}``
 and ``report.{html,md}``.
@@ -87,6 +90,24 @@ class RunLayout:
 
     def predictions(self, split: str) -> Path:
         return self.root / f"predictions_{split}.csv"
+
+    @property
+    def oof_dir(self) -> Path:
+        """Out-of-fold cross-validation of this run's recipe (``pneumoscope threshold-oof``)."""
+        return self.root / "oof"
+
+    def oof_fold(self, folds: int, fold: int) -> Path:
+        """The run folder of fold ``fold`` of a ``folds``-fold cross-validation (k in the name:
+        a 3-fold and a 5-fold study never share a fold)."""
+        return self.oof_dir / f"k{folds}" / f"fold{fold}"
+
+    def oof_predictions(self, folds: int) -> Path:
+        """Each training film's out-of-fold probability."""
+        return self.oof_dir / f"k{folds}" / "predictions_oof.csv"
+
+    def oof_model(self, folds: int) -> Path:
+        """The default model file with the out-of-fold threshold (the run's weights)."""
+        return self.root / f"model-oof{folds}.safetensors"
 
     @property
     def artifacts(self) -> tuple[Path, ...]:
@@ -218,6 +239,9 @@ class RunSummary:
     gate: dict[str, Any] | None = None
     """The input gate fitted with the model: its levels and, per split, the share of films
     above each level (``None``: no gate fitted)."""
+    tta: tuple[str, ...] = ()
+    """Test-time augmentation views every split was scored with and the threshold was chosen
+    under (``eval.tta``); empty: none."""
     best_epoch_checkpoint: str = ""
     best_val_auc_during_training: float = math.nan
     epochs_run: int = 0
@@ -250,6 +274,8 @@ class RunSummary:
             out["val_stress"] = self.val_stress
         if self.gate is not None:
             out["gate"] = self.gate
+        if self.tta:
+            out["tta"] = list(self.tta)
         out["threshold_rule"] = self.threshold_rule.to_dict()
         out["schema_version"] = self.schema_version
         return out
@@ -269,7 +295,7 @@ class RunSummary:
             threshold=r.number("threshold"), threshold_rule=threshold_rule,
             val=SplitReport.read(r.sub("val")),
             test=SplitReport.read(r.sub("test")) if "test" in data else None,
-            val_stress=r.get("val_stress"), gate=r.get("gate"),
+            val_stress=r.get("val_stress"), gate=r.get("gate"), tta=tuple(r.get("tta") or ()),
             best_epoch_checkpoint=str(r.get("best_epoch_checkpoint", "")),
             best_val_auc_during_training=float(r.get("best_val_auc_during_training") or math.nan),
             epochs_run=int(r.get("epochs_run") or 0), precision=str(r.get("precision", "")),

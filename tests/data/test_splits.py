@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pneumoscope.data.records import ImageRecord, load_folder
-from pneumoscope.data.splits import grouped_split, make_splits, patient_overlap, subsample
+from pneumoscope.data.splits import grouped_folds, grouped_split, make_splits, patient_overlap, subsample
 
 
 def _records(n_patients: int = 200, seed: int = 0) -> list[ImageRecord]:
@@ -35,6 +35,22 @@ def test_split_is_seeded() -> None:
     records = _records()
     assert grouped_split(records, 0.2, 1) == grouped_split(records, 0.2, 1)
     assert grouped_split(records, 0.2, 1) != grouped_split(records, 0.2, 2)
+
+
+def test_grouped_folds_hold_each_record_out_once_by_patient() -> None:
+    records = _records()
+    folds = grouped_folds(records, 4, 3)
+    held = np.concatenate([h for _, h in folds])
+    assert sorted(held.tolist()) == list(range(len(records)))
+    for rest, out in folds:
+        assert sorted([*rest, *out]) == list(range(len(records)))
+        assert not patient_overlap([records[i] for i in rest], [records[i] for i in out])
+    assert grouped_split(records, 0.25, 3) == ([records[i] for i in folds[0][0]],
+                                               [records[i] for i in folds[0][1]])
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        grouped_folds(records, 1, 0)
+    with pytest.raises(ValueError, match="only 3 patients: too few for 5"):
+        grouped_folds(_records(3), 5, 0)
 
 
 def test_make_splits_keeps_official_test_and_merges_val(kermany_tree: Path) -> None:

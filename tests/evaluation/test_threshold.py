@@ -6,11 +6,27 @@ import numpy as np
 import pytest
 
 from pneumoscope.evaluation.metrics import DegenerateInputWarning, binary_metrics
-from pneumoscope.evaluation.threshold import THRESHOLD_METHODS, choose_threshold
+from pneumoscope.evaluation.threshold import THRESHOLD_METHODS, ThresholdRule, choose_threshold
 
 
 def test_methods() -> None:
     assert THRESHOLD_METHODS == ("youden", "target_sensitivity")
+
+
+@pytest.mark.parametrize(("rule", "label", "where"), [
+    (ThresholdRule(), "youden", "on the validation split"),
+    (ThresholdRule(pooled_with_stress=True), "youden@val+stress", "validation split pooled with its"),
+    (ThresholdRule("target_sensitivity", 0.95, at_site=True), "target_sensitivity=0.95@site",
+     "site's own labelled films"),
+    (ThresholdRule(oof_folds=5), "youden@oof5", "out-of-fold predictions of a 5-fold cross-validation"),
+    (ThresholdRule("target_sensitivity", 0.9, True, oof_folds=3), "target_sensitivity=0.9@oof3+stress",
+     "3-fold cross-validation inside the training split pooled with their stress-tested copies"),
+])
+def test_rule_label_round_trips_and_describes(rule: ThresholdRule, label: str, where: str) -> None:
+    assert rule.label == label
+    assert ThresholdRule.from_label(label) == rule
+    assert ThresholdRule(**rule.to_dict()) == rule
+    assert where in rule.describe()
 
 
 def test_separable_youden_gives_perfect_operating_point() -> None:

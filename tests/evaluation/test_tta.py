@@ -117,3 +117,99 @@ def test_evaluate_and_predict_take_tta(model: XrayClassifier, kermany_tree: Path
                                [r.prob_pneumonia for r in with_tta], rtol=1e-6)
     with pytest.raises(ValueError, match="torch backend only"):
         Predictor(ckpt, backend="onnx", tta=True)
+
+
+# --- a model file whose threshold was chosen with TTA (eval.tta) -----------------------------
+
+NAMES = tuple(v.name for v in TTA_VIEWS)
+
+
+@pytest.mark.parametrize(("recorded", "requested", "expected", "warns"), [
+    ((), None, None, False),  # the file's way: none
+    ((), False, None, False),
+    ((), True, TTA_VIEWS, True),  # opt-in against the file: warned
+    (NAMES, None, TTA_VIEWS, False),  # the file's way: its views
+    (NAMES, True, TTA_VIEWS, False),
+    (NAMES, False, None, True),  # --no-tta against the file: warned
+    (("identity", "rotate+3deg"), None, (IDENTITY, TTA_VIEWS[3]), False),  # exactly the recorded views
+])
+def test_resolve_tta(recorded: tuple[str, ...], requested: bool | None, expected: object, warns: bool,
+                     caplog: pytest.LogCaptureFixture) -> None:
+    from pneumoscope.evaluation.tta import resolve_tta
+
+    with caplog.at_level("WARNING"):
+        assert resolve_tta(recorded, requested, where="m.safetensors") == expected
+    assert bool(caplog.records) == warns
+    if warns:
+        assert "m.safetensors" in caplog.text and "threshold was chosen with" in caplog.text
+    with pytest.raises(ValueError, match=r"unknown test-time augmentation view\(s\) \['flip'\]"):
+        resolve_tta(("flip",), requested)
+
+
+@pytest.fixture(scope="module")
+def tta_ckpt(model: XrayClassifier, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("tta") / "m.safetensors", model,
+                           CheckpointInfo(model="resnet18", preprocessing=model.preprocessing,
+                                          threshold=0.4, tta=NAMES))
+
+
+def test_a_file_chosen_with_tta_is_used_with_tta_by_default(
+        model: XrayClassifier, tta_ckpt: Path, kermany_tree: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from pneumoscope.cli import build_parser
+    from pneumoscope.evaluation.evaluate import evaluate_checkpoint
+    from pneumoscope.models.checkpoint import read_info
+    from pneumoscope.serve.predict import Predictor
+
+    assert read_info(tta_ckpt).tta == NAMES
+    report = evaluate_checkpoint(tta_ckpt, kermany_tree, tmp_path / "e", n_bootstrap=0, gate=False)
+    assert report["tta"] == list(NAMES)
+    files = sorted((kermany_tree / "test").rglob("*.png"))[:3]
+    default = Predictor(tta_ckpt, gate=False)
+    assert default.tta == TTA_VIEWS
+    images = np.stack([default.decode_bytes(f).gray for f in files])
+    np.testing.assert_allclose([r.prob_pneumonia for r in default.predict_files(files, progress=False)],
+                               predict_proba(model, images, tta=TTA_VIEWS), rtol=1e-5)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        off = evaluate_checkpoint(tta_ckpt, kermany_tree, tmp_path / "off", n_bootstrap=0, gate=False,
+                                  tta=False)
+    assert "threshold was chosen with it" in caplog.text and off["tta"] is None
+    parser = build_parser()
+    for command in (["evaluate", "m", "--data", "d"], ["predict", "m", "x.png"], ["serve", "m"]):
+        assert [parser.parse_args([*command, *flag]).tta for flag in ([], ["--tta"], ["--no-tta"])] \
+            == [None, True, False]
+    assert Predictor(tta_ckpt, gate=False, tta=False).tta is None
+
+
+def test_the_onnx_backend_refuses_a_file_chosen_with_tta(tta_ckpt: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    from pneumoscope.cli import main
+    from pneumoscope.serve.predict import Predictor
+
+    with pytest.raises(ValueError, match="chosen with test-time augmentation, which the onnx backend"):
+        Predictor(tta_ckpt, backend="onnx", gate=False)
+    assert Predictor(tta_ckpt, backend="onnx", gate=False, tta=False).tta is None  # asked for: warned
+    pytest.importorskip("uvicorn")
+    # serve --tta with the onnx backend: one line, exit 2, before anything listens.
+    assert main(["serve", str(tta_ckpt), "--backend", "onnx", "--tta"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("pneumoscope: error: ") and "torch backend only" in last
+
+
+def test_serve_shows_tta_in_the_model_card(tta_ckpt: Path, model: XrayClassifier, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.serve.app import create_app
+
+    plain = save_checkpoint(tmp_path / "plain.safetensors", model,
+                            CheckpointInfo(model="resnet18", preprocessing=model.preprocessing))
+    cases = [(tta_ckpt, None, list(NAMES), list(NAMES)), (tta_ckpt, False, [], list(NAMES)),
+             (plain, None, [], []), (plain, True, list(NAMES), [])]
+    for path, flag, views, chosen in cases:
+        with TestClient(create_app(path, tta=flag)) as client:
+            card = client.get("/v1/model").json()
+        assert card["tta"] == {"views": views, "threshold_chosen_with": chosen}, (path.name, flag)

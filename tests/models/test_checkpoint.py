@@ -118,6 +118,10 @@ def test_temperature_must_match_and_be_positive(tmp_path: Path) -> None:
     ("metrics", "x", "metrics must be a mapping"),
     ("threshold_method", ["x"], "threshold_method must be a string"),
     ("gate", "x", "gate must be a mapping or null"),
+    ("tta", "identity", "tta must be a list of distinct view names"),
+    ("tta", ["identity", "identity"], "tta must be a list of distinct view names"),
+    # A view this version does not implement: the threshold would be applied to other scores.
+    ("tta", ["identity", "flip"], r"tta names view\(s\) \['flip'\] this version does not implement"),
     ("arch_kwargs", {"bn_eps": "abc"}, r"arch_kwargs\.bn_eps must be a number"),
     ("model", "resnet19", "field model: unknown model 'resnet19'"),
     ("model", "efficientnet_b0", "its tensors do not fit model 'efficientnet_b0'"),

@@ -143,3 +143,19 @@ def test_calibrate_refuses_bad_inputs(ckpt: Path, site: Path, tmp_path: Path) ->
     with pytest.raises(ValueError, match="target_sensitivity must be in"):
         calibrate_checkpoint(ckpt, site, out=tmp_path / "c.safetensors", target_sensitivity=1.5)
     assert not any(tmp_path.glob("[abc].safetensors"))
+
+
+def test_a_file_chosen_with_tta_is_calibrated_with_tta(ckpt: Path, site: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pneumoscope.evaluation.tta import TTA_VIEWS, view_names
+
+    model, info = load_checkpoint(ckpt)
+    tta_file = save_checkpoint(tmp_path / "tta.safetensors", model,
+                               replace(info, tta=view_names(TTA_VIEWS), created=""))
+    with pytest.warns(SmallSiteWarning):
+        result = calibrate_checkpoint(tta_file, site, out=tmp_path / "site.safetensors", n_resamples=0)
+    decoded = decode_images(scan_tree(site), SIZE)
+    probs = predict_proba(model, decoded.images, tta=TTA_VIEWS)
+    assert result.calibration.threshold == pytest.approx(choose_threshold(decoded.labels, probs), abs=1e-6)
+    assert read_info(result.out).tta == view_names(TTA_VIEWS)  # predict and serve go on with TTA

@@ -24,18 +24,20 @@ __all__ = ["BalancedSampler", "SplitData", "XrayDataModule", "class_weights", "l
 NPZ_SPLITS = ("train", "val", "test")
 
 
-def load_pneumoniamnist(path: str | Path, size: int) -> dict[str, SplitData]:
-    """Read a MedMNIST ``pneumoniamnist.npz`` (official splits kept) resized to ``size``."""
+def load_pneumoniamnist(path: str | Path, size: int,
+                        splits: tuple[str, ...] = NPZ_SPLITS) -> dict[str, SplitData]:
+    """Read a MedMNIST ``pneumoniamnist.npz`` (official splits kept) resized to ``size``;
+    ``splits``: only these (e.g. ``("train",)``: the test images are never decoded)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"PneumoniaMNIST file not found: {path}")
     with np.load(path) as npz:
-        missing = [f"{s}_{k}" for s in NPZ_SPLITS for k in ("images", "labels")
+        missing = [f"{s}_{k}" for s in splits for k in ("images", "labels")
                    if f"{s}_{k}" not in npz]
         if missing:
             raise ValueError(f"{path} is not a PneumoniaMNIST file: missing keys {missing}")
         out = {}
-        for split in NPZ_SPLITS:
+        for split in splits:
             raw = npz[f"{split}_images"]
             labels = npz[f"{split}_labels"].reshape(-1).astype(int)
             if raw.ndim != 3 or len(raw) != len(labels):

@@ -19,15 +19,28 @@ def grouped_split(
         raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
     if len(records) < 2:
         raise ValueError(f"need at least 2 images to split, got {len(records)}")
-    labels = np.array([r.label for r in records])
-    groups = np.array([r.patient_id or r.path for r in records])
     n_splits = max(2, round(1.0 / fraction))
-    n_groups = len(set(groups.tolist()))
+    n_groups = len({r.patient_id or r.path for r in records})
     if n_groups < n_splits:
         raise ValueError(f"only {n_groups} patients: too few for a {fraction:.0%} grouped split")
-    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    rest_idx, held_idx = next(folds.split(np.zeros(len(records)), labels, groups))
+    rest_idx, held_idx = grouped_folds(records, n_splits, seed)[0]
     return [records[i] for i in rest_idx], [records[i] for i in held_idx]
+
+
+def grouped_folds(records: Sequence[ImageRecord], n_folds: int,
+                  seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n_folds`` pairs ``(rest, held_out)`` of indices into ``records``: every record is held
+    out in exactly one fold, grouped by ``patient_id`` and stratified by label (scikit-learn's
+    StratifiedGroupKFold, the same folds :func:`grouped_split` draws its first from)."""
+    if n_folds < 2:
+        raise ValueError(f"need at least 2 folds, got {n_folds}")
+    labels = np.array([r.label for r in records])
+    groups = np.array([r.patient_id or r.path for r in records])
+    n_groups = len(set(groups.tolist()))
+    if n_groups < n_folds:
+        raise ValueError(f"only {n_groups} patients: too few for {n_folds} patient-grouped folds")
+    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return list(folds.split(np.zeros(len(records)), labels, groups))
 
 
 def subsample(records: Sequence[ImageRecord], fraction: float, seed: int) -> list[ImageRecord]:

@@ -22,7 +22,7 @@ from pneumoscope.evaluation.inference import predict_proba
 from pneumoscope.evaluation.metrics import METRIC_NAMES, binary_metrics, confusion_counts
 from pneumoscope.evaluation.selective import risk_at_coverage, risk_coverage, selection_score
 from pneumoscope.evaluation.stress import stress_probabilities, stress_report
-from pneumoscope.evaluation.tta import TTA_VIEWS
+from pneumoscope.evaluation.tta import resolve_tta, view_names
 from pneumoscope.guard.model_file import assess_records, gate_report, load_gate
 from pneumoscope.jsonio import json_safe, write_json
 from pneumoscope.models.checkpoint import load_checkpoint
@@ -95,7 +95,7 @@ def evaluate_checkpoint(
     checkpoint: str | Path, data: str | Path, out_dir: str | Path, *, split: str | None = None,
     manifest: str | Path | None = None, group_by: str | None = None, n_bootstrap: int = 1000,
     seed: int = 0, cache_dir: str | Path | None = None, batch_size: int = 64,
-    stress: bool = False, gate: bool = True, tta: bool = False,
+    stress: bool = False, gate: bool = True, tta: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved model on a data folder (the official test split, or any other
     NORMAL/PNEUMONIA tree such as an external site) at the threshold stored in the checkpoint.
@@ -106,9 +106,10 @@ def evaluate_checkpoint(
     counts, reasons and the accuracy of accepted vs flagged films; per film in ``gate.csv``).
     ``selective`` in the report is the risk-coverage of the calls ranked by the margin from
     the threshold combined with the gate's score (:mod:`pneumoscope.evaluation.selective`).
-    ``tta``: average the logits over :data:`~pneumoscope.evaluation.tta.TTA_VIEWS` (clean and
-    stressed images alike; ``tta`` in the report names the views); the threshold stays the
-    checkpoint's, which was chosen without TTA.
+    ``tta``: average the logits over test-time augmentation views (clean and stressed images
+    alike; ``tta`` in the report names them); ``None`` follows the model file (TTA when its
+    threshold was chosen under it), True/False against the file warn
+    (:func:`~pneumoscope.evaluation.tta.resolve_tta`). The threshold is the checkpoint's.
     Writes ``metrics.json`` and ``predictions.csv`` into ``out_dir`` and returns the report.
     """
     model, info = load_checkpoint(checkpoint)
@@ -132,7 +133,7 @@ def evaluate_checkpoint(
         if manifest:
             records = attach_manifest(records, manifest)
         decoded = cached_images(records, size, cache_dir, desc=f"decoding {split}")
-    views = TTA_VIEWS if tta else None
+    views = resolve_tta(info.tta, tta, where=str(checkpoint))
     probs = predict_proba(model, decoded.images, batch_size=batch_size, progress=True, tta=views)
     labels = decoded.labels
     report = evaluate_predictions(labels, probs, info.threshold, records=decoded.records,
@@ -140,7 +141,7 @@ def evaluate_checkpoint(
                                   n_bootstrap=n_bootstrap, seed=seed, group_by=group_by)
     report = {"checkpoint": str(checkpoint), "model": info.model, "data": str(data),
               "split": split, "unreadable_skipped": [list(f) for f in decoded.failures],
-              "tta": [v.name for v in views] if views else None, **report}
+              "tta": list(view_names(views)) or None, **report}
     if stress:
         stressed = stress_probabilities(model, np.asarray(decoded.images), tta=views)
         report["stress"] = stress_report(labels, {"clean": probs, **stressed}, info.threshold)

@@ -21,6 +21,7 @@ from pneumoscope.evaluation.evaluate import evaluate_predictions
 from pneumoscope.evaluation.inference import predict_proba
 from pneumoscope.evaluation.stress import stress_probabilities, stress_report
 from pneumoscope.evaluation.threshold import choose_threshold
+from pneumoscope.evaluation.tta import TTA_VIEWS, view_names
 from pneumoscope.guard.gate import Gate
 from pneumoscope.guard.model_file import fit_gate_for, score_rates
 from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
@@ -55,7 +56,8 @@ def fit_run_gate(splits: dict[str, SplitData], config: RunConfig) -> Gate | None
 def finalize_run(model: XrayClassifier, splits: dict[str, SplitData], config: RunConfig, *,
                  fit_facts: dict[str, Any], started: float, progress: bool = True) -> RunSummary:
     """Choose the threshold on validation (``config.eval``), stress-test validation, evaluate the
-    test split once at that threshold, and write the run folder's predictions, model file and
+    test split once at that threshold (every split scored with test-time augmentation when
+    ``eval.tta``, and the model file says so), and write the run folder's predictions, model file and
     ``metrics.json`` (last, so its presence means the run is complete).
 
     ``fit_facts``: what training reports about itself (``best_epoch_checkpoint``,
@@ -66,8 +68,11 @@ def finalize_run(model: XrayClassifier, splits: dict[str, SplitData], config: Ru
     ec = config.eval
     rule = ec.threshold_rule
     val = splits["val"]
-    val_probs = predict_proba(model, val.images)
-    stressed = stress_probabilities(model, np.asarray(val.images)) \
+    # With eval.tta the threshold is an operating point of TTA probabilities: every split is
+    # scored the same way, and the model file records the views so predict and serve follow.
+    views = TTA_VIEWS if ec.tta else None
+    val_probs = predict_proba(model, val.images, tta=views)
+    stressed = stress_probabilities(model, np.asarray(val.images), tta=views) \
         if ec.stress_test or rule.pooled_with_stress else {}
     if rule.pooled_with_stress:
         # Every stress-tested copy keeps its label: choose on the pooled scores.
@@ -83,7 +88,7 @@ def finalize_run(model: XrayClassifier, splits: dict[str, SplitData], config: Ru
     write_predictions(layout.predictions("val"), val.records, val_probs, threshold)
     if "test" in splits and splits["test"].records:
         test = splits["test"]
-        test_probs = predict_proba(model, test.images, progress=progress)
+        test_probs = predict_proba(model, test.images, progress=progress, tta=views)
         reports["test"] = evaluate_predictions(
             test.labels, test_probs, threshold, records=test.records, threshold_method=rule.label,
             n_bootstrap=ec.n_bootstrap, seed=ec.bootstrap_seed, group_by=ec.group_by)
@@ -94,7 +99,7 @@ def finalize_run(model: XrayClassifier, splits: dict[str, SplitData], config: Ru
         threshold_rule=rule, val=SplitReport.from_dict(reports["val"], "val report"),
         test=SplitReport.from_dict(reports["test"], "test report") if "test" in reports else None,
         val_stress=stress_report(val.labels, {"clean": val_probs, **stressed}, threshold)
-        if stressed else None,
+        if stressed else None, tta=view_names(views),
         wall_time_s=round(time.perf_counter() - started, 1), data=data_summary(splits),
         version=__version__, **fit_facts)
     gate = fit_run_gate(splits, config) if ec.fit_gate else None
@@ -109,7 +114,8 @@ def finalize_run(model: XrayClassifier, splits: dict[str, SplitData], config: Ru
         threshold_method=rule.label, timm_name=model.backbone.pretrained_cfg.get("architecture", ""),
         arch_kwargs=model.arch_kwargs,
         metrics={k: v["at_threshold"]["metrics"] for k, v in reports.items()},
-        config=config.to_dict(), gate=gate.metadata() if gate is not None else None)
+        config=config.to_dict(), gate=gate.metadata() if gate is not None else None,
+        tta=view_names(views))
     save_checkpoint(layout.model, model, info, extra_tensors=gate.to_tensors() if gate else None)
     write_summary(layout.root, summary)
     return summary

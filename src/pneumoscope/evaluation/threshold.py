@@ -38,11 +38,17 @@ class ThresholdRule:
     """Chosen on validation pooled with its stress-tested copies (``eval.threshold_on``)."""
     at_site: bool = False
     """Chosen on a site's own labelled films (``pneumoscope calibrate``), not on validation."""
+    oof_folds: int = 0
+    """Chosen on the out-of-fold predictions of a k-fold cross-validation inside the training
+    split (``pneumoscope threshold-oof``, k = this), not on validation; 0: not."""
 
     @property
     def label(self) -> str:
-        """Short form kept in ``metrics.json`` and checkpoints: ``target_sensitivity=0.9@val+stress``."""
+        """Short form kept in ``metrics.json`` and checkpoints: ``target_sensitivity=0.9@val+stress``,
+        ``youden@oof5``."""
         text = self.method + (f"={self.target_sensitivity}" if self.target_sensitivity else "")
+        if self.oof_folds:
+            return text + f"@oof{self.oof_folds}" + ("+stress" if self.pooled_with_stress else "")
         return text + ("@val+stress" if self.pooled_with_stress else "@site" if self.at_site else "")
 
     def describe(self) -> str:
@@ -50,24 +56,28 @@ class ThresholdRule:
         text = THRESHOLD_DESCRIPTIONS.get(self.method, self.method)
         if self.method == "target_sensitivity" and self.target_sensitivity:
             text += f" (target {self.target_sensitivity:g})"
-        if self.at_site:
-            text = text.replace("on the validation split", "on the site's own labelled films "
-                                "(pneumoscope calibrate)")
-        if self.pooled_with_stress:
-            text = text.replace("on the validation split", "on the validation split pooled with its "
-                                "stress-tested copies (changed exposure, blur, noise, compression)")
-        return text
+        val = "on the validation split"
+        where = "on the site's own labelled films (pneumoscope calibrate)" if self.at_site else \
+            (f"on the out-of-fold predictions of a {self.oof_folds}-fold cross-validation inside the "
+             "training split") if self.oof_folds else val
+        if self.pooled_with_stress and not self.at_site:
+            where += (" pooled with their" if self.oof_folds else " pooled with its") + \
+                " stress-tested copies (changed exposure, blur, noise, compression)"
+        return text.replace(val, where)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "target_sensitivity": self.target_sensitivity,
-                "pooled_with_stress": self.pooled_with_stress, "at_site": self.at_site}
+        out = {"method": self.method, "target_sensitivity": self.target_sensitivity,
+               "pooled_with_stress": self.pooled_with_stress, "at_site": self.at_site}
+        return {**out, "oof_folds": self.oof_folds} if self.oof_folds else out
 
     @classmethod
     def from_label(cls, text: str) -> ThresholdRule:
         """Read the short form (files written before the rule was stored as a mapping)."""
         method, _, pool = (text or "youden").partition("@")
         method, _, target = method.partition("=")
-        return cls(method, float(target) if target else None, pool == "val+stress", pool == "site")
+        folds = pool.removesuffix("+stress").removeprefix("oof") if pool.startswith("oof") else ""
+        return cls(method, float(target) if target else None, pool.endswith("+stress"), pool == "site",
+                   int(folds) if folds.isdigit() else 0)
 
 
 def choose_threshold(

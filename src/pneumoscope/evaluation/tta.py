@@ -6,13 +6,16 @@ no image file is re-decoded. Each view is one more forward pass (5 views: 5x the
 cost). The fixed set stays small and mild (identity, ±5 % scale, ±3° rotation): a chest film's
 position and size vary about that much between acquisitions, while flips would move the heart.
 
-TTA is a run-time option, not part of a model file: a checkpoint's threshold was chosen on
-validation probabilities without TTA, so whether TTA helps (and at which threshold) is for a
-validation study to decide (``predict_proba(..., tta=TTA_VIEWS)`` on the validation split).
+A model file records whether its threshold was chosen under TTA (``CheckpointInfo.tta``, the
+view names; set by training with ``eval.tta: true``): the threshold is an operating point of
+the probabilities made that way, so evaluate, predict and serve then use the same views by
+default (:func:`resolve_tta`), and ``--no-tta`` / ``--tta`` against the file log a warning.
+Off by default: 5x the inference cost for a gain a validation study has to show.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,3 +77,36 @@ def tta_logits(model: nn.Module, x: torch.Tensor, views: Sequence[View] = TTA_VI
     if not views:
         raise ValueError("tta_logits needs at least one view")
     return torch.stack([model(view.apply(x)).float() for view in views]).mean(0)
+
+
+VIEWS_BY_NAME: dict[str, View] = {view.name: view for view in TTA_VIEWS}
+"""The views a model file may name (``CheckpointInfo.tta``): this version implements these."""
+
+
+def view_names(views: Sequence[View] | None) -> tuple[str, ...]:
+    """What a model file or a report records of ``views`` (``()``: no TTA)."""
+    return tuple(view.name for view in views or ())
+
+
+def resolve_tta(recorded: Sequence[str], requested: bool | None, *,
+                where: str = "model file") -> tuple[View, ...] | None:
+    """The views to predict with, for a model file whose threshold was chosen under the views
+    named ``recorded`` (``CheckpointInfo.tta``; empty: without TTA) and a caller's flag:
+    ``None`` follows the file, ``True`` asks for TTA, ``False`` for none. The one place that
+    decides it (evaluate, predict and serve call it). Going against the file logs a warning:
+    the threshold is only the chosen operating point for probabilities made the same way."""
+    unknown = [name for name in recorded if name not in VIEWS_BY_NAME]
+    if unknown:  # load_checkpoint refuses such files already; an ONNX sidecar may not have
+        raise ValueError(f"{where}: unknown test-time augmentation view(s) {unknown}; this version "
+                         f"knows {sorted(VIEWS_BY_NAME)}")
+    chosen = tuple(VIEWS_BY_NAME[name] for name in recorded)
+    if requested is None or requested == bool(chosen):
+        return chosen or None
+    if requested:
+        log.warning("%s: test-time augmentation on, but its threshold was chosen without it: the "
+                    "operating point (sensitivity/specificity) may shift", where)
+        return TTA_VIEWS
+    log.warning("%s: test-time augmentation off (--no-tta), but its threshold was chosen with it "
+                "(%s): the operating point (sensitivity/specificity) may shift", where,
+                ", ".join(recorded))
+    return None

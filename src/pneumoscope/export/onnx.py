@@ -90,6 +90,9 @@ def onnx_metadata(info: CheckpointInfo, source: str = "") -> dict[str, Any]:
         "temperature": info.temperature,  # already applied inside the graph; for the record
         "provenance": [dict(step) for step in info.provenance],
         "abstain_band": list(info.abstain_band) if info.abstain_band else None,
+        # The graph holds no test-time augmentation: an ONNX backend refuses such a file
+        # unless told to predict without it (serve.predict.Predictor).
+        "tta": list(info.tta),
         "class_names": list(info.class_names),
         "version": info.version,
         "exported_with": __version__,
@@ -114,7 +117,8 @@ def info_from_metadata(meta: dict[str, Any], where: str = "") -> CheckpointInfo:
         version=meta.get("version", ""), created=meta.get("created", ""),
         temperature=float(meta.get("temperature", 1.0)),
         provenance=tuple(dict(step) for step in meta.get("provenance", ())),
-        abstain_band=tuple(meta["abstain_band"]) if meta.get("abstain_band") else None)
+        abstain_band=tuple(meta["abstain_band"]) if meta.get("abstain_band") else None,
+        tta=tuple(meta.get("tta") or ()))
 
 
 def session_metadata(session: Any, where: str = "") -> dict[str, Any]:
@@ -197,6 +201,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"ONNX output must end in .onnx, got {out}")
     model, info = load_checkpoint(checkpoint)
+    if info.tta:
+        log.warning("%s: its threshold was chosen with test-time augmentation (%s), which the ONNX "
+                    "graph does not hold: the onnx backend refuses this file unless run with --no-tta",
+                    checkpoint, ", ".join(info.tta))
     data = export_bytes(model, info, opset=opset, source=checkpoint.name)
     sidecar: dict[str, Any] = {**onnx_metadata(info, checkpoint.name), "opset": opset}
     if check:

@@ -61,6 +61,10 @@ class CheckpointInfo:
     abstain_band: tuple[float, float] | None = None
     """``(low, high)`` around the threshold: probabilities in ``[low, high)`` are labelled
     uncertain (chosen on a site's films by ``pneumoscope calibrate --abstain-...``)."""
+    tta: tuple[str, ...] = ()
+    """The test-time augmentation views (:data:`pneumoscope.evaluation.tta.TTA_VIEWS` names) the
+    threshold was chosen under; evaluate, predict and serve use them by default
+    (:func:`~pneumoscope.evaluation.tta.resolve_tta`). Empty: no TTA (and files from before it)."""
     gate: dict[str, Any] | None = None
     """The input gate's metadata (:mod:`pneumoscope.guard`), its tensors stored under
     ``gate.`` in the same file; ``None``: no gate fitted (files from before the gate)."""
@@ -75,6 +79,10 @@ class CheckpointInfo:
         d["preprocessing"] = self.preprocessing.to_dict()
         d["class_names"] = list(self.class_names)
         d["provenance"] = [dict(step) for step in self.provenance]
+        if self.tta:
+            d["tta"] = list(self.tta)
+        else:  # absent, as in files from before the field: their digests stay valid
+            del d["tta"]
         return {"format": FORMAT, **d}
 
     @classmethod
@@ -98,6 +106,7 @@ class CheckpointInfo:
         fields["class_names"] = tuple(fields.get("class_names", CLASS_NAMES))
         fields["temperature"] = float(fields.get("temperature", 1.0))
         fields["provenance"] = tuple(dict(step) for step in fields.get("provenance", ()))
+        fields["tta"] = tuple(fields.get("tta", ()))
         band = fields.get("abstain_band")
         if band is not None:
             low, high = (float(v) for v in band)
@@ -157,11 +166,26 @@ def _check_info_fields(fields: dict[str, Any]) -> None:
     if band is not None and (not isinstance(band, list | tuple) or len(band) != 2
                              or not all(_is_number(v) for v in band)):
         raise ValueError(f"checkpoint field abstain_band must be null or two numbers, got {_short(band)}")
+    _check_tta(fields.get("tta", []))
     names = fields.get("class_names", CLASS_NAMES)
     if not isinstance(names, list | tuple) or len(names) != 2 or not all(isinstance(n, str) for n in names):
         raise ValueError(f"checkpoint field class_names must be two names, got {_short(names)}")
     _check_preprocessing(fields["preprocessing"])
     check_arch_kwargs(fields.get("arch_kwargs", {}), "checkpoint field arch_kwargs")
+
+
+def _check_tta(views: Any) -> None:
+    from pneumoscope.evaluation.tta import VIEWS_BY_NAME
+
+    # The threshold holds only under these exact views: a name this version does not implement
+    # would be predicted some other way, at a threshold chosen for something else.
+    if not isinstance(views, list | tuple) or not all(isinstance(v, str) for v in views) \
+            or len(set(views)) != len(views):
+        raise ValueError(f"checkpoint field tta must be a list of distinct view names, got {_short(views)}")
+    unknown = [v for v in views if v not in VIEWS_BY_NAME]
+    if unknown:
+        raise ValueError(f"checkpoint field tta names view(s) {_short(unknown)} this version does not "
+                         f"implement (it knows {sorted(VIEWS_BY_NAME)})")
 
 
 def check_arch_kwargs(kwargs: Any, where: str) -> None:

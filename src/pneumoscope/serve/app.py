@@ -7,14 +7,16 @@
 - ``POST /v1/explain`` (``file``; ``method``, default ``gradcam``; ``title``) → heatmap overlay PNG,
   probability and label in ``X-Probability`` / ``X-Label`` headers
 - ``POST /v1/preview`` (``file``) → the decoded grayscale image as PNG (what the model sees)
-- ``GET /v1/model`` → model card; ``GET /healthz``; ``GET /`` → the web page; ``/docs`` (OpenAPI)
+- ``GET /v1/model`` → model card (``tta``: the test-time augmentation views predictions use, and
+  those the threshold was chosen with); ``GET /healthz``; ``GET /`` → the web page; ``/docs`` (OpenAPI)
 
 The model is loaded once, when the app is created. Predictions go through one shared
 :class:`~pneumoscope.serve.predict.Predictor` (thread-safe); explanations need the PyTorch
 model and hooks into it, so a second copy of the model is loaded for them only (the CAM code
 forbids explaining a model that other threads run forward passes on). An ``.onnx`` file has no
 PyTorch weights: with one, ``/v1/explain`` answers 501 (start from the ``.safetensors`` with
-``--backend onnx`` to get both).
+``--backend onnx`` to get both). A map explains the image as it is: its ``X-Probability`` is
+that of the identity view, also when predictions average test-time augmentation views.
 
 Uploads stay in memory (see :mod:`pneumoscope.serve.upload`), their type is decided by content
 (JPEG, PNG, DICOM), and decoding and inference run in worker threads, at most
@@ -50,6 +52,7 @@ import numpy as np
 
 from pneumoscope import __version__
 from pneumoscope.data.decode import MAX_ASPECT, MAX_PIXELS, ImageDecodeError, decode_image, resize_square
+from pneumoscope.evaluation.tta import view_names
 from pneumoscope.guard.gate import describe_reason
 from pneumoscope.jsonio import json_safe
 from pneumoscope.notice import INTENDED_USE, LIMITATIONS
@@ -186,13 +189,14 @@ class _Service:
 
     def __init__(self, checkpoint: str | Path, backend: Backend, max_upload_bytes: int,
                  max_pixels: int, max_concurrency: int | None, limits: ServeLimits,
-                 batch_max: int = DEFAULT_BATCH_MAX, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> None:
+                 batch_max: int = DEFAULT_BATCH_MAX, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+                 tta: bool | None = None) -> None:
         if max_upload_bytes < 1:
             raise ValueError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
         if max_pixels < 64:
             raise ValueError(f"max_pixels must be at least 64, got {max_pixels}")
         self.path = Path(checkpoint)
-        self.predictor = Predictor(self.path, backend, max_pixels=max_pixels)
+        self.predictor = Predictor(self.path, backend, max_pixels=max_pixels, tta=tta)
         self.info = self.predictor.info
         self.sha256 = _sha256(self.path)
         self.max_upload_bytes = max_upload_bytes
@@ -270,6 +274,10 @@ class _Service:
             "gate": {"state": self.predictor.gate.state,
                      "levels": self.predictor.gate.levels.to_dict() if self.predictor.gate.levels else None},
             "provenance": list(info.provenance), "temperature": info.temperature,
+            # Whether predictions average test-time augmentation views, and whether the
+            # threshold was chosen that way (it holds only when the two agree).
+            "tta": {"views": list(view_names(self.predictor.tta)),
+                    "threshold_chosen_with": list(info.tta)},
             "intended_use": INTENDED_USE, "limitations": list(LIMITATIONS),
         })
 
@@ -357,7 +365,7 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
                max_concurrency: int | None = None, limits: ServeLimits | None = None,
                allowed_hosts: Sequence[str] | None = None, batch_max: int = DEFAULT_BATCH_MAX,
-               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> FastAPI:
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, tta: bool | None = None) -> FastAPI:
     """The service for one model file (``.safetensors``, or ``.onnx`` with the onnx backend).
 
     The model is loaded here, once. ``max_upload_bytes``: larger uploads get 413 (counted while
@@ -367,9 +375,11 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
     ``allowed_hosts``: ``Host`` header values accepted (others get 400; ``"*"`` any); None
     checks nothing here, for embedding and tests: :func:`serve` passes the bound names.
     ``batch_max``, ``batch_wait_ms``: dynamic batching of predictions (see the module text).
+    ``tta``: test-time augmentation (torch backend only; ``None`` follows the model file, see
+    :class:`~pneumoscope.serve.predict.Predictor`); ``/v1/model`` shows it under ``tta``.
     """
     service = _Service(checkpoint, backend, max_upload_bytes, max_pixels, max_concurrency,
-                       limits or ServeLimits(), batch_max, batch_wait_ms)
+                       limits or ServeLimits(), batch_max, batch_wait_ms, tta)
     static = _static_files()
     app = FastAPI(
         title="PneumoScope",
@@ -480,9 +490,9 @@ def create_app(checkpoint: str | Path, *, backend: Backend = "torch",
         return Response(static[name], media_type=_STATIC_FILES[name],
                         headers={"Cache-Control": "no-cache"})
 
-    log.info("serving %s (%s backend, threshold %.3f, uploads up to %d bytes, %d pixels)",
-             service.path, service.predictor.backend, service.info.threshold, max_upload_bytes,
-             max_pixels)
+    log.info("serving %s (%s backend, threshold %.3f, tta %s, uploads up to %d bytes, %d pixels)",
+             service.path, service.predictor.backend, service.info.threshold,
+             "on" if service.predictor.tta else "off", max_upload_bytes, max_pixels)
     return app
 
 
@@ -533,7 +543,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
           limits: ServeLimits | None = None, allowed_hosts: Sequence[str] | None = None,
           on_ready: Callable[[str], None] | None = None, batch_max: int = DEFAULT_BATCH_MAX,
-          batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> None:
+          batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, tta: bool | None = None) -> None:
     """Create the app and run it with uvicorn until interrupted. ``on_ready(url)`` is called
     once the model is loaded, before the server starts listening. ``allowed_hosts``: default
     :func:`default_allowed_hosts` of ``host``."""
@@ -549,7 +559,8 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         log.warning("listening on %s, but only requests addressed to %s are answered: name the "
                     "server's host names with --allowed-hosts", host, ", ".join(hosts))
     app = create_app(checkpoint, backend=backend, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
-                     limits=limits, allowed_hosts=hosts, batch_max=batch_max, batch_wait_ms=batch_wait_ms)
+                     limits=limits, allowed_hosts=hosts, batch_max=batch_max, batch_wait_ms=batch_wait_ms,
+                     tta=tta)
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
         on_ready(f"http://{shown}:{port}/")

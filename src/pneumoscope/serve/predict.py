@@ -30,7 +30,7 @@ from pneumoscope.data.datasets import to_model_input_numpy
 from pneumoscope.data.decode import MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, resize_square
 from pneumoscope.data.inputs import InputEntry, collect_inputs, file_entry, scan_inputs
 from pneumoscope.evaluation.inference import predict_proba
-from pneumoscope.evaluation.tta import TTA_VIEWS
+from pneumoscope.evaluation.tta import resolve_tta
 from pneumoscope.export import onnx as export
 from pneumoscope.guard.gate import Gate, Verdict
 from pneumoscope.guard.model_file import load_gate
@@ -94,7 +94,10 @@ class Predictor:
     export``. ``backend``: ``torch`` or ``onnx``; None picks by the file (``.onnx`` → onnx).
     The onnx backend given a checkpoint exports it in memory first (parity is the exporter's
     job; run ``pneumoscope export`` to check it and keep the file). ``tta``: average the
-    logits over :data:`~pneumoscope.evaluation.tta.TTA_VIEWS` (torch backend only). ``draft``:
+    logits over test-time augmentation views (torch backend only); ``None`` follows the model
+    file (TTA when its threshold was chosen under it), True/False against the file warn
+    (:func:`~pneumoscope.evaluation.tta.resolve_tta`); the onnx backend refuses a file whose
+    threshold needs TTA unless ``tta=False``. ``draft``:
     decode large JPEGs and DICOMs at a reduced scale near the model's input size
     (:data:`~pneumoscope.data.decode.DRAFT_MARGIN`); False decodes every pixel (slower; the
     gate's size and colour checks read the same source facts either way).
@@ -110,7 +113,7 @@ class Predictor:
 
     def __init__(self, model_path: str | Path, backend: Backend | None = None, *,
                  max_pixels: int = MAX_PIXELS, threads: int | None = None, gate: bool = True,
-                 tta: bool = False, draft: bool = True) -> None:
+                 tta: bool | None = None, draft: bool = True) -> None:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -119,7 +122,6 @@ class Predictor:
         if tta and backend != "torch":
             raise ValueError("test-time augmentation runs on the torch backend only (--backend torch "
                              "with a .safetensors model file)")
-        self.tta = TTA_VIEWS if tta else None
         self.path = path
         self.backend: str = backend
         self.max_pixels = max_pixels
@@ -140,6 +142,12 @@ class Predictor:
                 log.info("exporting %s to ONNX in memory for the onnx backend", path)
                 self._session = export.ort_session(
                     export.export_bytes(model, self.info, source=path.name), threads)
+        if backend != "torch" and self.info.tta and tta is None:
+            # The views are torch ops before the model; an exported graph holds the model only.
+            raise ValueError(f"{path}: its threshold was chosen with test-time augmentation, which the "
+                             "onnx backend does not apply: use --backend torch with the .safetensors "
+                             "file, or --no-tta to predict without it (the threshold then may not hold)")
+        self.tta = resolve_tta(self.info.tta, tta, where=str(path))
         if is_onnx and gate:
             # An exported graph holds the classifier only: the learned score needs the checkpoint.
             log.warning("%s: an ONNX file carries no learned input gate, only the deterministic "
@@ -148,8 +156,9 @@ class Predictor:
             self.gate = Gate.unfitted()
         else:
             self.gate = load_gate(path, self.info, enabled=gate)
-        log.info("loaded %s (%s, %s backend, %d px, threshold %.3f, gate %s)", path, self.info.model,
-                 self.backend, self.image_size, self.threshold, self.gate.state)
+        log.info("loaded %s (%s, %s backend, %d px, threshold %.3f, gate %s, tta %s)", path,
+                 self.info.model, self.backend, self.image_size, self.threshold, self.gate.state,
+                 "on" if self.tta else "off")
 
     @property
     def image_size(self) -> int:

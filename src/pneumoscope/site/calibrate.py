@@ -29,6 +29,7 @@ from pneumoscope.evaluation.bootstrap import bootstrap_ci
 from pneumoscope.evaluation.metrics import binary_metrics, confusion_counts
 from pneumoscope.evaluation.selective import band_metrics, choose_abstain_band
 from pneumoscope.evaluation.threshold import THRESHOLD_METHODS, choose_threshold
+from pneumoscope.evaluation.tta import resolve_tta
 from pneumoscope.jsonio import json_safe
 from pneumoscope.models.checkpoint import load_checkpoint, read_extra_tensors, save_checkpoint
 from pneumoscope.site.common import (
@@ -251,7 +252,10 @@ def calibrate_checkpoint(
                          f"got {n_normal} NORMAL and {n_pneumonia} PNEUMONIA")
     log.info("site %s: %d NORMAL, %d PNEUMONIA films", data_dir, n_normal, n_pneumonia)
 
-    logits = predict_logits(model, np.asarray(decoded.images), batch_size=batch_size)
+    # A threshold chosen under test-time augmentation is re-chosen under the same views: the new
+    # file keeps the old one's ``tta``, so predict and serve go on using them.
+    logits = predict_logits(model, np.asarray(decoded.images), batch_size=batch_size,
+                            tta=resolve_tta(info.tta, None, where=str(checkpoint)))
     cal = fit_calibration(logits, labels, method=method, target_sensitivity=target_sensitivity,
                           temperature=temperature, current_temperature=info.temperature)
     before = site_metrics(labels, probabilities(logits, info.temperature), info.threshold,

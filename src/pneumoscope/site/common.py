@@ -21,6 +21,7 @@ from pneumoscope.data.cache import SplitData, cached_images
 from pneumoscope.data.datasets import to_model_input
 from pneumoscope.data.decode import IMAGE_SUFFIXES
 from pneumoscope.data.records import ImageRecord, load_folder
+from pneumoscope.evaluation.tta import View, tta_logits
 from pneumoscope.models.factory import XrayClassifier
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,10 @@ def find_images(root: str | Path) -> list[ImageRecord]:
 
 
 def predict_logits(model: XrayClassifier, images: np.ndarray, *, batch_size: int = 64,
-                   calibrated: bool = False) -> np.ndarray:
+                   calibrated: bool = False, tta: Sequence[View] | None = None) -> np.ndarray:
     """Logits (float32, (N,)) of uint8 (N, S, S) images, in eval mode. ``calibrated=False``
-    gives the raw logits (temperature 1), which is what temperature fitting needs."""
+    gives the raw logits (temperature 1), which is what temperature fitting needs. ``tta``:
+    the mean logit over these views (a model file whose threshold was chosen under TTA)."""
     device = next(model.parameters()).device
     was_training = model.training
     temperature = float(model.temperature)
@@ -95,7 +97,8 @@ def predict_logits(model: XrayClassifier, images: np.ndarray, *, batch_size: int
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 x = to_model_input(images[start:start + batch_size]).to(device)
-                out[start:start + len(x)] = model(x).float().squeeze(1).cpu().numpy()
+                logits = tta_logits(model, x, tta) if tta else model(x)
+                out[start:start + len(x)] = logits.float().squeeze(1).cpu().numpy()
     finally:
         model.set_temperature(temperature)
         model.train(was_training)
@@ -111,11 +114,12 @@ def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def check_output(checkpoint: Path, out: Path, overwrite: bool) -> None:
-    """A site step writes a new file: never the input, an existing file only when asked."""
+    """A step on a model file (calibrate, adapt, threshold-oof) writes a new file: never the
+    input, an existing file only when asked."""
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if out.resolve() == checkpoint.resolve() or (out.exists() and out.samefile(checkpoint)):
-        raise ValueError(f"out {out} is the input checkpoint: a site step writes a new file and "
+        raise ValueError(f"out {out} is the input checkpoint: this step writes a new file and "
                          "never modifies the original; choose another --out")
     if out.suffix != ".safetensors":
         raise ValueError(f"out must end in .safetensors, got {out}")
@@ -123,15 +127,16 @@ def check_output(checkpoint: Path, out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
 
 
-def provenance_entry(step: str, checkpoint: Path, site_dir: Path, *, command: str | None,
+def provenance_entry(step: str, checkpoint: Path, site_dir: Path | None, *, command: str | None,
                      **fields: Any) -> dict[str, Any]:
-    """The common head of a provenance step: what ran, when, on which file, with which code."""
+    """The common head of a provenance step: what ran, when, on which file, with which code
+    (and on which site's films, for a site step)."""
     return {
         "step": step,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": shlex.join(sys.argv) if command is None else command,
         "pneumoscope_version": __version__,
         "source_checkpoint": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
-        "site_dir": str(site_dir),
+        **({"site_dir": str(site_dir)} if site_dir is not None else {}),
         **fields,
     }
