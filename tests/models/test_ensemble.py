@@ -1,0 +1,203 @@
+"""Deep ensembles: members trained on one validation split, averaged into one model file that
+loads like any model; the threshold re-fitted on the shared split; mixed members refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pneumoscope.config import load_config
+from pneumoscope.data.datasets import load_splits, to_model_input
+from pneumoscope.evaluation.threshold import choose_threshold
+from pneumoscope.models.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, read_info
+from pneumoscope.models.ensemble import EnsembleClassifier, build_ensemble
+from pneumoscope.models.factory import XrayClassifier, build_model
+
+TINY = ("model.name=resnet18", "model.weights=none", "data.image_size=32", "data.batch_size=8",
+        "data.val_fraction=0.3", "train.epochs=1", "eval.n_bootstrap=0", "eval.stress_test=false",
+        "eval.fit_gate=false", "tracking.enabled=false")
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny runs on one validation split (``data.split_seed=0``), ``train.seed`` 1 and 2."""
+    from pneumoscope.data.synthetic import write_kermany_tree
+    from pneumoscope.pipeline import train
+
+    base = tmp_path_factory.mktemp("ensemble")
+    tree = write_kermany_tree(base / "xray", {"train": (14, 18), "val": (6, 6), "test": (6, 6)},
+                              size=40, seed=3)
+    runs = []
+    for seed in (1, 2):
+        config = load_config(dotted=[f"data.root={tree}", f"out={base / 'runs'}", f"name=m{seed}",
+                                     "data.split_seed=0", f"train.seed={seed}", *TINY])
+        runs.append(train(config, progress=False).run_dir)
+    return runs[0], runs[1]
+
+
+@pytest.fixture(scope="module")
+def ensemble_file(members: tuple[Path, Path]) -> Path:
+    return build_ensemble(members, members[0].parent.parent / "ens.safetensors")
+
+
+def _member_models(members: tuple[Path, Path]) -> list[XrayClassifier]:
+    return [load_checkpoint(run / "model.safetensors")[0] for run in members]
+
+
+def test_the_ensemble_averages_its_members_logits(members, ensemble_file: Path) -> None:
+    model, info = load_checkpoint(ensemble_file)
+    assert isinstance(model, EnsembleClassifier) and len(model) == 2
+    assert info.ensemble is not None and info.ensemble["member_seeds"] == [1, 2]
+    assert info.ensemble["split_seed"] == 0 and info.config["data"]["split_seed"] == 0
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in _member_models(members)]).mean(0)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        model.set_temperature(2.0)  # the ensemble's own temperature divides the mean logit
+        assert torch.allclose(model(x), expected / 2, atol=1e-5)
+
+
+def test_the_threshold_is_refitted_on_the_shared_validation_split(members, ensemble_file: Path) -> None:
+    info = read_info(ensemble_file)
+    config = load_config(overrides=info.config)
+    val = load_splits(config.data, 0)["val"]
+    x = to_model_input(np.asarray(val.images))
+    with torch.no_grad():
+        logits = torch.stack([m(x) for m in _member_models(members)]).mean(0)
+    probs = torch.sigmoid(logits).squeeze(1).double().numpy()
+    assert info.threshold == pytest.approx(choose_threshold(val.labels, probs, "youden"), abs=1e-6)
+    assert info.threshold_method == "youden"
+    assert len(info.metrics["members_val"]) == 2 and "auc" in info.metrics["val"]
+
+
+def _copy_run(run: Path, to: Path, **meta: object) -> Path:
+    """A copy of run folder ``run`` whose model file's metadata has ``meta`` merged in
+    (nested one level: ``config={"data": {...}}`` updates that section)."""
+    shutil.copytree(run, to)
+    if meta:
+        path = to / "model.safetensors"
+        with safe_open(str(path), framework="pt") as fh:
+            info = json.loads(fh.metadata()["pneumoscope"])
+        for key, value in meta.items():
+            if key == "config":
+                for section, values in value.items():  # type: ignore[union-attr]
+                    info["config"][section].update(values)
+            else:
+                info[key] = value
+        save_file(load_file(str(path)), str(path), metadata={"pneumoscope": json.dumps(info)})
+    return to
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("one", "at least 2 runs"),
+    ("same_seed", "must differ in train.seed"),
+    ("split_seed", "must share one validation split"),
+    ("model", "must share the model"),
+    ("val_file", "is not the shared one"),
+])
+def test_members_that_do_not_make_an_ensemble_are_refused(members, tmp_path: Path, change: str,
+                                                          message: str) -> None:
+    m1, m2 = members
+    if change == "one":
+        runs = [m1]
+    elif change == "same_seed":
+        runs = [m1, _copy_run(m1, tmp_path / "m1-again")]
+    elif change == "split_seed":
+        runs = [m1, _copy_run(m2, tmp_path / "m2", config={"data": {"split_seed": 5}})]
+    elif change == "model":
+        runs = [m1, _copy_run(m2, tmp_path / "m2", model="efficientnet_lite0")]
+    else:  # a member whose recorded validation split lacks one film
+        other = _copy_run(m2, tmp_path / "m2")
+        lines = (other / "splits" / "val.csv").read_text().splitlines()
+        (other / "splits" / "val.csv").write_text("\n".join(lines[:-1]) + "\n")
+        runs = [m1, other]
+    with pytest.raises(ValueError, match=message) as caught:
+        build_ensemble(runs, tmp_path / "ens.safetensors")
+    assert str(runs[-1]) in str(caught.value)  # the message names the runs
+    assert not (tmp_path / "ens.safetensors").exists()
+
+
+def test_a_tampered_ensemble_file_is_refused(ensemble_file: Path, tmp_path: Path) -> None:
+    tensors = load_file(str(ensemble_file))
+    name = next(k for k in tensors if k.startswith("members.1.backbone.") and k.endswith("weight"))
+    tensors[name].view(-1)[0] += 1e-3
+    with safe_open(str(ensemble_file), framework="pt") as fh:
+        meta = fh.metadata()
+    save_file(tensors, str(tmp_path / "nudged.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(tmp_path / "nudged.safetensors")
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    ("x", "ensemble must be a mapping"),
+    ({"members": 1, "split_seed": 0}, "ensemble.members must be an integer"),
+    ({"members": 2, "split_seed": -1}, "ensemble.split_seed"),
+    ({"member_seeds": [1, "2"]}, "ensemble.member_seeds must be 2 int values"),
+    ({"member_runs": ["a"]}, "ensemble.member_runs must be 2 str values"),
+    ({"weights": "x"}, "unknown field"),
+])
+def test_a_malformed_ensemble_field_is_refused_naming_it(field: object, message: str) -> None:
+    info = CheckpointInfo(model="resnet18", preprocessing=build_model("resnet18", "none", image_size=32)
+                          .preprocessing).to_dict()
+    valid = {"members": 2, "split_seed": 0, "member_runs": ["a", "b"], "member_seeds": [1, 2],
+             "member_digests": ["", ""]}
+    assert CheckpointInfo.from_dict({**info, "ensemble": valid}).ensemble == valid
+    if isinstance(field, dict) and "members" not in field:
+        field = {**valid, **field}
+    with pytest.raises(ValueError, match=message):
+        CheckpointInfo.from_dict({**info, "ensemble": field})
+
+
+def test_members_must_match_and_an_ensemble_is_not_trained(ensemble_file: Path, tmp_path: Path) -> None:
+    from pneumoscope.training.train import initial_model
+
+    a = build_model("resnet18", "none", image_size=32)
+    with pytest.raises(ValueError, match="member 1 differs from member 0 in preprocessing"):
+        EnsembleClassifier([a, build_model("resnet18", "none", image_size=48)])
+    b = build_model("resnet18", "none", image_size=32)
+    b.set_temperature(2.0)
+    with pytest.raises(ValueError, match="member 1 applies temperature 2"):
+        EnsembleClassifier([a, b])
+    config = load_config(dotted=[f"model.init={ensemble_file}", "model.name=resnet18", "data.image_size=32"])
+    with pytest.raises(ValueError, match="is a deep ensemble of 2 members"):
+        initial_model(config)
+
+
+def test_the_ensemble_command(members, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pneumoscope.cli import main
+
+    out = tmp_path / "ens.safetensors"
+    assert main(["ensemble", *map(str, members), "--out", str(out)]) == 0
+    assert "ensemble of 2 resnet18 runs: validation AUC" in capsys.readouterr().out
+    assert main(["ensemble", *map(str, members), "--out", str(out)]) == 2  # exists: one line
+    assert main(["ensemble", str(members[0]), "--out", str(tmp_path / "one.safetensors")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "exists" in err[0] and "at least 2 runs" in err[1]
+
+
+def test_the_ensemble_cam_is_the_mean_of_the_member_cams() -> None:
+    pytest.importorskip("pytorch_grad_cam")
+    from pneumoscope.explain.cam import explain, heatmaps
+
+    # Untrained members at 96 px: resnet18's CAM layer is 3x3 there (1x1 at 32 px, a flat map).
+    torch.manual_seed(0)
+    members = [build_model("resnet18", "none", image_size=96).eval() for _ in range(2)]
+    model = EnsembleClassifier(members).eval()
+    images = np.random.default_rng(0).integers(0, 256, (3, 96, 96), dtype=np.uint8)
+    maps = heatmaps(model, "resnet18", images, "gradcam")
+    member_maps = [heatmaps(m, "resnet18", images, "gradcam") for m in members]
+    assert maps.shape == (3, 96, 96) and maps.max() > 0
+    assert not np.allclose(member_maps[0], member_maps[1])
+    np.testing.assert_allclose(maps, np.mean(member_maps, axis=0), atol=1e-6)
+    one = explain(model, "resnet18", images[0], "gradcam")
+    np.testing.assert_allclose(one.heatmap, maps[0], atol=1e-5)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(to_model_input(images[:1]))).item()
+    assert one.probability == pytest.approx(expected, abs=1e-6)
