@@ -201,3 +201,88 @@ def test_the_ensemble_cam_is_the_mean_of_the_member_cams() -> None:
     with torch.no_grad():
         expected = torch.sigmoid(model(to_model_input(images[:1]))).item()
     assert one.probability == pytest.approx(expected, abs=1e-6)
+
+
+# --- the ensemble file in every command that takes a model file ------------------------------
+
+
+def _tree(members: tuple[Path, Path]) -> Path:
+    return members[0].parent.parent / "xray"
+
+
+def test_evaluate_scores_the_ensemble(members, ensemble_file: Path, tmp_path: Path) -> None:
+    from pneumoscope.evaluation.evaluate import evaluate_checkpoint
+    from pneumoscope.evaluation.inference import predict_proba
+    from pneumoscope.evaluation.metrics import binary_metrics
+
+    report = evaluate_checkpoint(ensemble_file, _tree(members), tmp_path, split="test", n_bootstrap=0)
+    test = load_splits(load_config(overrides=read_info(ensemble_file).config).data, 0)["test"]
+    probs = predict_proba(load_checkpoint(ensemble_file)[0], test.images)
+    auc = binary_metrics(test.labels, probs, 0.5)["auc"]
+    assert report["at_threshold"]["metrics"]["auc"] == pytest.approx(auc, abs=1e-9)
+    assert report["at_threshold"]["threshold"] == pytest.approx(read_info(ensemble_file).threshold)
+
+
+def _predictions(model_file: Path, backend: str | None = None) -> np.ndarray:
+    from pneumoscope.serve.predict import Predictor
+
+    images = [np.random.default_rng(i).integers(0, 256, (32, 32), dtype=np.uint8) for i in range(3)]
+    return Predictor(model_file, backend).predict_images(images)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def onnx_file(ensemble_file: Path) -> Path:
+    pytest.importorskip("onnxruntime")
+    from pneumoscope.export import onnx as export
+
+    return export.export_onnx(ensemble_file, ensemble_file.with_suffix(".onnx"))  # parity 1e-4 or raises
+
+
+def test_predict_runs_the_ensemble_on_both_backends(ensemble_file: Path, onnx_file: Path) -> None:
+    from pneumoscope.evaluation.inference import predict_proba
+    from pneumoscope.serve.predict import Predictor
+
+    images = np.stack([np.random.default_rng(i).integers(0, 256, (32, 32), dtype=np.uint8) for i in range(3)])
+    expected = predict_proba(load_checkpoint(ensemble_file)[0], images)
+    np.testing.assert_allclose(_predictions(ensemble_file, "torch"), expected, atol=1e-6)
+    np.testing.assert_allclose(_predictions(onnx_file), expected, atol=1e-4)
+    assert Predictor(onnx_file).info.ensemble == read_info(ensemble_file).ensemble
+
+
+def test_onnx_export_holds_every_member_and_int8_runs(members, ensemble_file: Path, onnx_file: Path,
+                                                      tmp_path: Path) -> None:
+    from pneumoscope.export.quantize import Int8Rule, export_int8
+
+    out = onnx_file
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert meta["parity"]["max_abs_diff"] < 1e-4 and meta["ensemble"]["members"] == 2
+    # Every member's convolutions are in the one graph.
+    onnx = pytest.importorskip("onnx")
+    convs = sum(node.op_type == "Conv" for node in onnx.load(str(out)).graph.node)
+    member = load_checkpoint(members[0] / "model.safetensors")[0]
+    assert convs == 2 * sum(isinstance(m, torch.nn.Conv2d) for m in member.modules())
+    val = load_splits(load_config(overrides=read_info(ensemble_file).config).data, 0)["val"]
+    int8 = export_int8(ensemble_file, np.asarray(val.images), val.labels, tmp_path / "ens.int8.onnx",
+                       rule=Int8Rule(auc_tolerance=1.0, min_agreement=0.0))
+    assert json.loads(Path(f"{int8}.json").read_text())["quantization"]["n_images"] == len(val.labels)
+
+
+def test_the_service_serves_the_ensemble(ensemble_file: Path) -> None:
+    pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from pneumoscope.serve.app import create_app
+    from pneumoscope.serve.predict import Predictor
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(buf, "PNG")
+    with TestClient(create_app(ensemble_file)) as client:
+        card = client.get("/v1/model").json()
+        r = client.post("/v1/predict", files={"file": ("x.png", buf.getvalue(), "image/png")})
+    assert card["ensemble"]["members"] == 2 and card["metrics"]["validation"]["auc"] is not None
+    assert r.status_code == 200, r.text
+    expected = Predictor(ensemble_file).predict_bytes(buf.getvalue()).prob_pneumonia
+    assert r.json()["probability"] == pytest.approx(expected, abs=1e-6)

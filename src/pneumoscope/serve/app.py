@@ -270,6 +270,7 @@ class _Service:
             "gate": {"state": self.predictor.gate.state,
                      "levels": self.predictor.gate.levels.to_dict() if self.predictor.gate.levels else None},
             "provenance": list(info.provenance), "temperature": info.temperature,
+            "ensemble": info.ensemble,
             "intended_use": INTENDED_USE, "limitations": list(LIMITATIONS),
         })
 
