@@ -282,6 +282,9 @@ def test_the_service_serves_the_ensemble(ensemble_file: Path) -> None:
     with TestClient(create_app(ensemble_file)) as client:
         card = client.get("/v1/model").json()
         r = client.post("/v1/predict", files={"file": ("x.png", buf.getvalue(), "image/png")})
+        explained = client.post("/v1/explain", files={"file": ("x.png", buf.getvalue(), "image/png")})
+    assert explained.status_code == 200 and explained.headers["content-type"] == "image/png"
+    assert float(explained.headers["x-probability"]) == pytest.approx(r.json()["probability"], abs=1e-5)
     assert card["ensemble"]["members"] == 2 and card["metrics"]["validation"]["auc"] is not None
     assert r.status_code == 200, r.text
     expected = Predictor(ensemble_file).predict_bytes(buf.getvalue()).prob_pneumonia

@@ -24,6 +24,7 @@ from pneumoscope.evaluation.threshold import choose_threshold
 from pneumoscope.guard.gate import Gate
 from pneumoscope.guard.model_file import fit_gate_for, score_rates
 from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
+from pneumoscope.models.ensemble import Classifier
 from pneumoscope.models.factory import XrayClassifier
 from pneumoscope.runs import RunLayout, RunSummary, SplitReport, write_predictions, write_summary
 
@@ -65,7 +66,7 @@ class ValidationChoice:
     """:func:`evaluate_predictions` of validation at ``threshold``."""
 
 
-def choose_on_validation(model: XrayClassifier, val: SplitData, ec: EvalConfig) -> ValidationChoice:
+def choose_on_validation(model: Classifier, val: SplitData, ec: EvalConfig) -> ValidationChoice:
     """Score validation (and its stress-tested copies, if ``ec`` asks), choose the threshold with
     ``ec.threshold_rule`` and report validation at it: the choice every model file's threshold
     comes from (a training run's, and a deep ensemble's, :mod:`pneumoscope.models.ensemble`)."""

@@ -75,8 +75,8 @@ class EnsembleClassifier(nn.Module):
         return self.members[0].timm_name
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) in [0, 1] → the members' (identical) normalised backbone input."""
-        self.members[0].channels_last = self.channels_last
+        """(N, 1, H, W) in [0, 1] → the members' normalised backbone input: their preprocessing
+        is identical (checked above), so it is computed once for all of them."""
         return self.members[0].normalize(x)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
