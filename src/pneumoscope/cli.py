@@ -71,6 +71,10 @@ CALIBRATE_EXAMPLE = """example (a site's own labelled films; see README "Deployi
 ADAPT_EXAMPLE = """example:
   pneumoscope adapt model.safetensors --unlabeled /site/films --out adapted.safetensors
   pneumoscope calibrate adapted.safetensors --data /site/labelled --out site.safetensors"""
+ENSEMBLE_EXAMPLE = """example (members: one validation split, different initialisation seeds):
+  for s in 1 2 3; do pneumoscope train --data ../shared/data/chest_xray --model efficientnet_lite0 \
+      --weights package --set data.split_seed=0 --seed $s --name m$s --out runs; done
+  pneumoscope ensemble runs/m1 runs/m2 runs/m3 --out ens.safetensors"""
 GATE_EXAMPLE = """example (a model trained before the gate existed):
   pneumoscope gate fit runs/old/model.safetensors --data ../shared/data/chest_xray \
       --out runs/old/model-gated.safetensors"""
@@ -345,6 +349,21 @@ def cmd_threshold_oof(args: argparse.Namespace) -> int:
         print(f"  validation at the {name} threshold: sensitivity {_fmt3(values['sensitivity'])}, "
               f"specificity {_fmt3(values['specificity'])}")
     print(f"model file: {result.out} (the run's weights; its own model file is unchanged)")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from pneumoscope.models.checkpoint import read_info
+    from pneumoscope.models.ensemble import build_ensemble
+
+    out = build_ensemble(args.runs, args.out, data=args.data, overwrite=args.overwrite)
+    info = read_info(out)
+    val = info.metrics.get("val") or {}
+    nan = float("nan")
+    members = ", ".join(f"{(m or {}).get('auc', nan):.4f}" for m in info.metrics.get("members_val", []))
+    print(f"ensemble of {len(args.runs)} {info.model} runs: validation AUC {val.get('auc', nan):.4f} "
+          f"(members {members}), threshold {info.threshold:.4f} ({info.threshold_method})")
+    print(f"model file: {out}")
     return 0
 
 
@@ -782,6 +801,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new model file (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("ensemble", help="average training runs (one validation split, different "
+                       "seeds) into one deep-ensemble model file", epilog=ENSEMBLE_EXAMPLE,
+                       formatter_class=fmt)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished training run folders (2 or more)")
+    p.add_argument("--out", required=True, help="the ensemble's model file (.safetensors)")
+    p.add_argument("--data", help="the data root the members were trained on, if it has moved "
+                   "(default: the one in their config)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("data", help="get or check a data set")
     data_sub = p.add_subparsers(dest="data_command", required=True)

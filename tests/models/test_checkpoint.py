@@ -248,3 +248,21 @@ def test_damaged_weights_are_refused_not_turned_into_nan_labels(tmp_path: Path) 
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="non-finite values"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+# The metadata of a plain model file as written before round 2's optional fields: a field
+# added later must be left out when unset, or every older file's digest stops matching.
+LEGACY_FIELDS = {"format", "model", "preprocessing", "threshold", "threshold_method", "class_names",
+                 "timm_name", "arch_kwargs", "metrics", "config", "version", "created", "temperature",
+                 "provenance", "abstain_band", "gate", "digest"}
+
+
+def test_a_plain_file_keeps_the_metadata_fields_older_files_were_digested_with(plain_file: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(plain_file), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["pneumoscope"])
+    assert set(meta) == LEGACY_FIELDS
+    load_checkpoint(plain_file)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from pneumoscope import __version__
-from pneumoscope.config import RunConfig
+from pneumoscope.config import EvalConfig, RunConfig
 from pneumoscope.data.cache import SplitData
 from pneumoscope.evaluation.evaluate import evaluate_predictions
 from pneumoscope.evaluation.inference import predict_proba
@@ -25,6 +25,7 @@ from pneumoscope.evaluation.tta import TTA_VIEWS, view_names
 from pneumoscope.guard.gate import Gate
 from pneumoscope.guard.model_file import fit_gate_for, score_rates
 from pneumoscope.models.checkpoint import CheckpointInfo, save_checkpoint
+from pneumoscope.models.ensemble import Classifier
 from pneumoscope.models.factory import XrayClassifier
 from pneumoscope.runs import RunLayout, RunSummary, SplitReport, write_predictions, write_summary
 
@@ -53,6 +54,42 @@ def fit_run_gate(splits: dict[str, SplitData], config: RunConfig) -> Gate | None
         return None
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: arrays do not compare to one bool
+class ValidationChoice:
+    """The operating threshold chosen on validation, and what it was chosen from."""
+
+    threshold: float
+    val_probs: np.ndarray
+    """P(pneumonia) of each validation film, float64 (N,)."""
+    stressed: dict[str, np.ndarray]
+    """Stress test name → the validation probabilities under it (empty when not run)."""
+    report: dict[str, Any]
+    """:func:`evaluate_predictions` of validation at ``threshold``."""
+
+
+def choose_on_validation(model: Classifier, val: SplitData, ec: EvalConfig) -> ValidationChoice:
+    """Score validation (and its stress-tested copies, if ``ec`` asks), choose the threshold with
+    ``ec.threshold_rule`` and report validation at it: the choice every model file's threshold
+    comes from (a training run's, and a deep ensemble's, :mod:`pneumoscope.models.ensemble`)."""
+    rule = ec.threshold_rule
+    views = TTA_VIEWS if ec.tta else None  # eval.tta: the threshold of TTA probabilities
+    val_probs = predict_proba(model, val.images, tta=views)
+    stressed = stress_probabilities(model, np.asarray(val.images), tta=views) \
+        if ec.stress_test or rule.pooled_with_stress else {}
+    if rule.pooled_with_stress:
+        # Every stress-tested copy keeps its label: choose on the pooled scores.
+        pool_labels = np.tile(val.labels, len(stressed) + 1)
+        pool_probs = np.concatenate([val_probs, *stressed.values()])
+    else:
+        pool_labels, pool_probs = val.labels, val_probs
+    threshold = choose_threshold(pool_labels, pool_probs, rule.method,
+                                 target_sensitivity=rule.target_sensitivity)
+    report = evaluate_predictions(val.labels, val_probs, threshold, records=val.records,
+                                  threshold_method=rule.label, n_bootstrap=ec.n_bootstrap,
+                                  seed=ec.bootstrap_seed)
+    return ValidationChoice(float(threshold), val_probs, stressed, report)
+
+
 def finalize_run(model: XrayClassifier, splits: dict[str, SplitData], config: RunConfig, *,
                  fit_facts: dict[str, Any], started: float, progress: bool = True) -> RunSummary:
     """Choose the threshold on validation (``config.eval``), stress-test validation, evaluate the
@@ -71,20 +108,9 @@ def finalize_run(model: XrayClassifier, splits: dict[str, SplitData], config: Ru
     # With eval.tta the threshold is an operating point of TTA probabilities: every split is
     # scored the same way, and the model file records the views so predict and serve follow.
     views = TTA_VIEWS if ec.tta else None
-    val_probs = predict_proba(model, val.images, tta=views)
-    stressed = stress_probabilities(model, np.asarray(val.images), tta=views) \
-        if ec.stress_test or rule.pooled_with_stress else {}
-    if rule.pooled_with_stress:
-        # Every stress-tested copy keeps its label: choose on the pooled scores.
-        pool_labels = np.tile(val.labels, len(stressed) + 1)
-        pool_probs = np.concatenate([val_probs, *stressed.values()])
-    else:
-        pool_labels, pool_probs = val.labels, val_probs
-    threshold = choose_threshold(pool_labels, pool_probs, rule.method,
-                                 target_sensitivity=rule.target_sensitivity)
-    reports = {"val": evaluate_predictions(val.labels, val_probs, threshold, records=val.records,
-                                           threshold_method=rule.label, n_bootstrap=ec.n_bootstrap,
-                                           seed=ec.bootstrap_seed)}
+    chosen = choose_on_validation(model, val, ec)
+    threshold, val_probs, stressed = chosen.threshold, chosen.val_probs, chosen.stressed
+    reports = {"val": chosen.report}
     write_predictions(layout.predictions("val"), val.records, val_probs, threshold)
     if "test" in splits and splits["test"].records:
         test = splits["test"]
@@ -111,7 +137,7 @@ def finalize_run(model: XrayClassifier, splits: dict[str, SplitData], config: Ru
                if name != "train" and split.records}})
     info = CheckpointInfo(
         model=config.model.name, preprocessing=model.preprocessing, threshold=float(threshold),
-        threshold_method=rule.label, timm_name=model.backbone.pretrained_cfg.get("architecture", ""),
+        threshold_method=rule.label, timm_name=model.timm_name,
         arch_kwargs=model.arch_kwargs,
         metrics={k: v["at_threshold"]["metrics"] for k, v in reports.items()},
         config=config.to_dict(), gate=gate.metadata() if gate is not None else None,

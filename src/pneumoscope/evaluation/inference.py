@@ -10,12 +10,12 @@ from tqdm.auto import tqdm
 
 from pneumoscope.data.datasets import to_model_input
 from pneumoscope.evaluation.tta import View, tta_logits
-from pneumoscope.models.factory import XrayClassifier
+from pneumoscope.models.ensemble import Classifier
 
 
 @torch.inference_mode()
 def predict_proba(
-    model: XrayClassifier, images: np.ndarray, *, batch_size: int = 64,
+    model: Classifier, images: np.ndarray, *, batch_size: int = 64,
     device: str | torch.device | None = None, progress: bool = False,
     tta: Sequence[View] | None = None,
 ) -> np.ndarray:

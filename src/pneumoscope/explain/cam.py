@@ -9,6 +9,11 @@ absence of evidence for pneumonia.
 Heatmaps are min-max scaled per image (pytorch-grad-cam's ``scale_cam_image``): they say where,
 relative to the rest of that image, not how much, and are not comparable between images.
 
+A deep ensemble (:class:`~pneumoscope.models.ensemble.EnsembleClassifier`) is explained member by
+member: the method runs on each member's own CAM layer (explaining that member's logit), and the
+ensemble's map is the mean of the members' scaled maps (in [0, 1], not scaled again); the
+probability reported is the ensemble's.
+
 The CAM objects hook into the model. :func:`explain` and :func:`faithfulness` release every hook
 and restore the modules' train/eval flags, ``requires_grad`` flags and ``.grad`` tensors before
 they return, even on errors. Explanations of one process are serialised by a lock; a model that
@@ -37,6 +42,7 @@ from pneumoscope.data.datasets import to_model_input
 from pneumoscope.data.decode import load_grayscale, resize_square
 from pneumoscope.data.inputs import scan_inputs
 from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint
+from pneumoscope.models.ensemble import Classifier, EnsembleClassifier
 from pneumoscope.models.factory import XrayClassifier
 from pneumoscope.models.registry import ModelSpec, get_spec, list_specs
 
@@ -92,7 +98,7 @@ class Explanation:
 # --- layers and reshapes ---------------------------------------------------------------------
 
 
-def resolve_spec(model: XrayClassifier,
+def resolve_spec(model: Classifier,
                  info_or_spec_name: CheckpointInfo | ModelSpec | str | None = None) -> ModelSpec:
     """The registry spec of ``model``: from a checkpoint's info, a spec, a registry name, or
     (``None``) inferred from the timm architecture of the backbone."""
@@ -102,7 +108,7 @@ def resolve_spec(model: XrayClassifier,
         return get_spec(info_or_spec_name.model)
     if isinstance(info_or_spec_name, str):
         return get_spec(info_or_spec_name)
-    arch = getattr(model.backbone, "pretrained_cfg", {}).get("architecture")
+    arch = model.timm_name
     matches = [s for s in list_specs() if s.timm_name.split(".")[0] == arch]
     if len(matches) != 1:
         raise ValueError(f"cannot tell the registry model of a '{arch}' backbone: pass its name")
@@ -112,6 +118,9 @@ def resolve_spec(model: XrayClassifier,
 def target_layer(model: XrayClassifier, spec_name: ModelSpec | str) -> nn.Module:
     """The backbone module the spec's ``cam_layer`` names (looked up by name, never evaluated)."""
     spec = spec_name if isinstance(spec_name, ModelSpec) else get_spec(spec_name)
+    if isinstance(model, EnsembleClassifier):
+        raise ValueError(f"a deep ensemble has one CAM layer per member ({len(model)}): use heatmaps() "
+                         "or explain(), which average the members' maps, or pass one of model.members")
     modules = dict(model.backbone.named_modules())
     if spec.cam_layer not in modules:
         # Show the last few top-level-ish names: the usual candidates for a CAM layer.
@@ -221,17 +230,30 @@ def _cams(cam: BaseCAM, x: torch.Tensor, method: str) -> tuple[np.ndarray, np.nd
     return heat, logits
 
 
-def heatmaps(model: XrayClassifier, info_or_spec_name: CheckpointInfo | ModelSpec | str | None,
+def _heat_and_logits(model: Classifier, spec: ModelSpec, method: str, x_all: torch.Tensor,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Heatmaps (N, S, S) and logits (N,) of a batch of model inputs; for an ensemble, the mean of
+    its members' maps (each on its own CAM layer) and the ensemble's logits."""
+    size = model.preprocessing.image_size
+    if isinstance(model, EnsembleClassifier):
+        heat = np.mean([_heat_and_logits(member, spec, method, x_all, batch_size)[0]
+                        for member in model.members], axis=0, dtype=np.float32)
+        with torch.no_grad():
+            logits = torch.cat([model(x_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size)])
+        return heat, logits.float().reshape(len(x_all), -1)[:, 0].cpu().numpy()
+    with cam_session(model, spec, method, (size, size)) as cam:
+        parts = [_cams(cam, x_all[i:i + batch_size], method) for i in range(0, len(x_all), batch_size)]
+    return np.concatenate([h for h, _ in parts]), np.concatenate([lg for _, lg in parts])
+
+
+def heatmaps(model: Classifier, info_or_spec_name: CheckpointInfo | ModelSpec | str | None,
              images: np.ndarray, method: str = "gradcam", batch_size: int = 16) -> np.ndarray:
     """Heatmaps (N, S, S) float32 in [0, 1] of uint8 images (N, S, S) already at the model's
     size, in batches: what :func:`explain` computes one image at a time, much faster on a CPU."""
     method = _check_method(method)
     spec = resolve_spec(model, info_or_spec_name)
-    size = model.preprocessing.image_size
     x_all = to_model_input(np.asarray(images)).to(next(model.parameters()).device)
-    with cam_session(model, spec, method, (size, size)) as cam:
-        return np.concatenate([_cams(cam, x_all[i:i + batch_size], method)[0]
-                               for i in range(0, len(x_all), batch_size)])
+    return _heat_and_logits(model, spec, method, x_all, batch_size)[0]
 
 
 def _as_input(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
@@ -247,7 +269,7 @@ def _as_input(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     return to_model_input(resize_square(image, size))
 
 
-def explain(model: XrayClassifier, info_or_spec_name: CheckpointInfo | ModelSpec | str | None,
+def explain(model: Classifier, info_or_spec_name: CheckpointInfo | ModelSpec | str | None,
             image: np.ndarray | torch.Tensor, method: str = "gradcam") -> Explanation:
     """Explain the pneumonia logit of one image with one CAM method.
 
@@ -262,8 +284,7 @@ def explain(model: XrayClassifier, info_or_spec_name: CheckpointInfo | ModelSpec
     size = model.preprocessing.image_size
     x = _as_input(image, size).to(next(model.parameters()).device)
     method = _check_method(method)
-    with cam_session(model, spec, method, (size, size)) as cam:
-        heat, logits = _cams(cam, x, method)
+    heat, logits = _heat_and_logits(model, spec, method, x, 1)
     probability = float(torch.sigmoid(torch.tensor(logits[0])))
     label = class_names[1] if probability >= threshold else class_names[0]
     return Explanation(heat[0], probability, label, method, threshold)
@@ -418,7 +439,7 @@ def _rank_map(heat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return ranks.reshape(heat.shape)
 
 
-def faithfulness(model: XrayClassifier, images: np.ndarray, method: str = "gradcam",
+def faithfulness(model: Classifier, images: np.ndarray, method: str = "gradcam",
                  percentiles: Sequence[int] = (10, 20, 50), *,
                  spec: CheckpointInfo | ModelSpec | str | None = None, seed: int = 0,
                  batch_size: int = 8) -> dict[str, Any]:

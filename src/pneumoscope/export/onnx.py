@@ -2,7 +2,8 @@
 metadata inside the ``.onnx`` file and in a sidecar JSON, and a parity check against PyTorch.
 
 An exported model takes ``image``: float32 (N, 1, H, W) grayscale in [0, 1] (the same input as
-:class:`~pneumoscope.models.factory.XrayClassifier`) and returns ``prob_pneumonia``: (N,).
+:class:`~pneumoscope.models.factory.XrayClassifier`) and returns ``prob_pneumonia``: (N,). A deep
+ensemble exports as one graph holding every member, their logits averaged as in PyTorch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pneumoscope.data.synthetic import make_phantom
 from pneumoscope.evaluation.inference import predict_proba
 from pneumoscope.jsonio import write_json
 from pneumoscope.models.checkpoint import CheckpointInfo, load_checkpoint
-from pneumoscope.models.factory import Preprocessing, XrayClassifier
+from pneumoscope.models.ensemble import Classifier
+from pneumoscope.models.factory import Preprocessing
 from pneumoscope.runtime import available_cores
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class ParityError(ValueError):
 class _Probabilities(nn.Module):
     """The classifier with its sigmoid, so an exported file gives probabilities directly."""
 
-    def __init__(self, model: XrayClassifier) -> None:
+    def __init__(self, model: Classifier) -> None:
         super().__init__()
         self.model = model
 
@@ -93,6 +95,7 @@ def onnx_metadata(info: CheckpointInfo, source: str = "") -> dict[str, Any]:
         # The graph holds no test-time augmentation: an ONNX backend refuses such a file
         # unless told to predict without it (serve.predict.Predictor).
         "tta": list(info.tta),
+        "ensemble": info.ensemble,  # all members are in the graph, averaged as in PyTorch
         "class_names": list(info.class_names),
         "version": info.version,
         "exported_with": __version__,
@@ -118,7 +121,8 @@ def info_from_metadata(meta: dict[str, Any], where: str = "") -> CheckpointInfo:
         temperature=float(meta.get("temperature", 1.0)),
         provenance=tuple(dict(step) for step in meta.get("provenance", ())),
         abstain_band=tuple(meta["abstain_band"]) if meta.get("abstain_band") else None,
-        tta=tuple(meta.get("tta") or ()))
+        tta=tuple(meta.get("tta") or ()),
+        ensemble=meta.get("ensemble"))
 
 
 def session_metadata(session: Any, where: str = "") -> dict[str, Any]:
@@ -146,7 +150,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(props[META_KEY])
 
 
-def export_bytes(model: XrayClassifier, info: CheckpointInfo, *, opset: int = 17,
+def export_bytes(model: Classifier, info: CheckpointInfo, *, opset: int = 17,
                  source: str = "") -> bytes:
     """Serialised ONNX model (sigmoid included, dynamic batch, metadata embedded)."""
     onnx = _import("onnx")
@@ -181,7 +185,7 @@ def parity_images(size: int, n: int = 4, seed: int = 0) -> np.ndarray:
     return np.stack([make_phantom(rng, size=size, pneumonia=i % 2 == 1) for i in range(n)])
 
 
-def check_parity(model: XrayClassifier, session: Any, n: int = 4) -> float:
+def check_parity(model: Classifier, session: Any, n: int = 4) -> float:
     """Max absolute difference between PyTorch and ONNX Runtime probabilities on ``n``
     synthetic images, fed as one batch."""
     images = parity_images(model.preprocessing.image_size, n)

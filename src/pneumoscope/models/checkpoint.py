@@ -26,7 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pneumoscope import CLASS_NAMES, __version__
-from pneumoscope.models.factory import Preprocessing, XrayClassifier, rebuild_model
+from pneumoscope.models.ensemble import Classifier, EnsembleClassifier, check_ensemble_field, rebuild_ensemble
+from pneumoscope.models.factory import Preprocessing, rebuild_model
 
 FORMAT = "pneumoscope-checkpoint/1"
 _META_KEY = "pneumoscope"
@@ -68,6 +69,11 @@ class CheckpointInfo:
     gate: dict[str, Any] | None = None
     """The input gate's metadata (:mod:`pneumoscope.guard`), its tensors stored under
     ``gate.`` in the same file; ``None``: no gate fitted (files from before the gate)."""
+    ensemble: dict[str, Any] | None = None
+    """A deep ensemble (:mod:`pneumoscope.models.ensemble`): ``members`` (their number),
+    ``split_seed`` (the validation split they share), ``member_runs``, ``member_seeds``
+    (``train.seed``) and ``member_digests``; the weights are stored as ``members.<i>.``.
+    ``None``: one network."""
     digest: str = ""
     """BLAKE2b of the rest of the metadata and of every tensor, written by
     :func:`save_checkpoint` and checked by :func:`load_checkpoint`: a file damaged on disk or in
@@ -79,10 +85,12 @@ class CheckpointInfo:
         d["preprocessing"] = self.preprocessing.to_dict()
         d["class_names"] = list(self.class_names)
         d["provenance"] = [dict(step) for step in self.provenance]
-        if self.tta:
-            d["tta"] = list(self.tta)
-        else:  # absent, as in files from before the field: their digests stay valid
-            del d["tta"]
+        d["tta"] = list(self.tta)
+        # Fields added after the digest: absent when unset, as in the files written before
+        # them, so those files' digests (computed over this dict) stay valid.
+        for key in OPTIONAL_FIELDS:
+            if not d[key]:
+                del d[key]
         return {"format": FORMAT, **d}
 
     @classmethod
@@ -115,6 +123,10 @@ class CheckpointInfo:
                                  "0 <= low <= threshold <= high <= 1")
             fields["abstain_band"] = (low, high)
         return cls(**fields)
+
+
+OPTIONAL_FIELDS: tuple[str, ...] = ("tta", "ensemble")
+"""Metadata fields left out of a file when unset (see :meth:`CheckpointInfo.to_dict`)."""
 
 
 ARCH_KWARGS_ALLOWED: frozenset[str] = frozenset({"bn_eps", "pad_type"})
@@ -171,6 +183,7 @@ def _check_info_fields(fields: dict[str, Any]) -> None:
     if not isinstance(names, list | tuple) or len(names) != 2 or not all(isinstance(n, str) for n in names):
         raise ValueError(f"checkpoint field class_names must be two names, got {_short(names)}")
     _check_preprocessing(fields["preprocessing"])
+    check_ensemble_field(fields.get("ensemble"))
     check_arch_kwargs(fields.get("arch_kwargs", {}), "checkpoint field arch_kwargs")
 
 
@@ -247,7 +260,7 @@ EXTRA_PREFIXES: tuple[str, ...] = ("gate.",)
 """Tensor-name prefixes of the parts of a model file that are not the classifier's weights."""
 
 
-def save_checkpoint(path: str | Path, model: XrayClassifier, info: CheckpointInfo,
+def save_checkpoint(path: str | Path, model: Classifier, info: CheckpointInfo,
                     extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write weights and metadata to ``path`` (a ``.safetensors`` file).
 
@@ -255,6 +268,10 @@ def save_checkpoint(path: str | Path, model: XrayClassifier, info: CheckpointInf
     a mismatch would silently change the saved model's probabilities, so it raises.
     """
     path = Path(path)
+    members = len(model) if isinstance(model, EnsembleClassifier) else None
+    if members != (info.ensemble or {}).get("members"):
+        what = f"an ensemble of {members} members" if members else "one network"
+        raise ValueError(f"the model is {what} but info.ensemble is {_short(info.ensemble)}")
     applied = float(getattr(model, "temperature", 1.0))
     if abs(applied - info.temperature) > 1e-6 * max(1.0, abs(info.temperature)):
         raise ValueError(f"model applies temperature {applied:g} but info.temperature is "
@@ -304,17 +321,25 @@ def read_extra_tensors(path: str | Path, prefix: str = "gate.") -> dict[str, tor
 
 def load_checkpoint(
     path: str | Path, *, device: str | torch.device = "cpu", channels_last: bool = False
-) -> tuple[XrayClassifier, CheckpointInfo]:
-    """Rebuild the model a checkpoint describes and load its weights strictly (eval mode)."""
+) -> tuple[Classifier, CheckpointInfo]:
+    """Rebuild the model a checkpoint describes and load its weights strictly (eval mode): an
+    :class:`XrayClassifier`, or an :class:`~pneumoscope.models.ensemble.EnsembleClassifier`
+    for a file whose ``ensemble`` field is set."""
     from safetensors.torch import load_file
 
     info = read_info(path)
+    model: Classifier
     try:
-        model = rebuild_model(info.model, info.preprocessing, arch_kwargs=info.arch_kwargs,
-                              channels_last=channels_last)
+        if info.ensemble:
+            model = rebuild_ensemble(info.model, info.preprocessing, info.ensemble["members"],
+                                     arch_kwargs=info.arch_kwargs, channels_last=channels_last)
+        else:
+            model = rebuild_model(info.model, info.preprocessing, arch_kwargs=info.arch_kwargs,
+                                  channels_last=channels_last)
     except KeyError as exc:  # not in the registry
         raise CheckpointError(f"{path}: checkpoint field model: {exc.args[0] if exc.args else exc}") from exc
-    stem = next((m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    backbone = model.members[0].backbone if isinstance(model, EnsembleClassifier) else model.backbone
+    stem = next((m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if stem is not None and stem.in_channels != info.preprocessing.in_chans:
         raise CheckpointError(f"{path}: checkpoint field preprocessing.in_chans is "
                               f"{info.preprocessing.in_chans} but model {info.model!r} takes "

@@ -88,6 +88,11 @@ class XrayClassifier(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.get_classifier().parameters())
 
+    @property
+    def timm_name(self) -> str:
+        """The timm architecture of the backbone (``""`` when timm does not say)."""
+        return str(getattr(self.backbone, "pretrained_cfg", {}).get("architecture", ""))
+
 
 def _hub_hint(spec: ModelSpec) -> str:
     extra = " or --weights package (offline ImageNet weights)" if spec.package_weights else ""

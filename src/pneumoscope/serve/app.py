@@ -278,6 +278,7 @@ class _Service:
             # threshold was chosen that way (it holds only when the two agree).
             "tta": {"views": list(view_names(self.predictor.tta)),
                     "threshold_chosen_with": list(info.tta)},
+            "ensemble": info.ensemble,
             "intended_use": INTENDED_USE, "limitations": list(LIMITATIONS),
         })
 

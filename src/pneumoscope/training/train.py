@@ -82,6 +82,9 @@ def initial_model(config: RunConfig) -> XrayClassifier:
         return build_model(mc.name, mc.weights, image_size=config.data.image_size,
                            drop_rate=mc.drop_rate, channels_last=tc.channels_last)
     model, info = load_checkpoint(mc.init, channels_last=tc.channels_last)
+    if not isinstance(model, XrayClassifier):
+        raise ValueError(f"model.init {mc.init} is a deep ensemble of {len(model)} members: an "
+                         "ensemble is not trained; start from one of its member runs' model files")
     if info.model != mc.name:
         raise ValueError(f"model.init {mc.init} is a {info.model!r} model, not model.name "
                          f"{mc.name!r}: leave --model out, or pass --model {info.model}")
