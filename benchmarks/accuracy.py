@@ -10,6 +10,9 @@ Recipes (see RECIPES):
   kermany-linear-probe         the same network frozen, only the new head trained (Kermany 2018)
   pneumoniamnist-efficientnet_lite0   the fine-tune recipe on the 28x28 MedMNIST images
   pneumoniamnist-efficientnet_lite0-light   the same with the first recipe's light augmentation
+  kermany-r3                   the winner of recipe_search.py --round 3 (issue #16: a single
+                               model or a deep ensemble, with or without TTA), read from
+                               results/recipe-search-kermany-r3.json; 3 split seeds
 Each seed changes the validation split (patient-grouped) and the initialisation. The checkpoint
 and the threshold come from validation; the test split is read once per seed, at the end.
 Writes ``benchmarks/results/<recipe>.json`` and ``.md``, and a Kermany recipe's row in the
@@ -184,6 +187,125 @@ def run_recipe(name: str, root: str, seeds: list[int], out: Path, *,
     }
 
 
+ROUND3 = "kermany-r3"
+
+
+def run_round3(root: str, split_seeds: list[int], runs: Path) -> dict[str, Any]:
+    """The round-3 winner, once per split seed: its members trained with the test split removed
+    (the same runs as the search, so split seed 0's are reused), its threshold from validation
+    (re-chosen on TTA probabilities when it uses TTA), then the test split read once per seed,
+    at the end, through the model file (an ensemble file for an ensemble)."""
+    import recipe_search as rs
+
+    from pneumoscope.data.datasets import load_splits
+    from pneumoscope.evaluation.evaluate import evaluate_predictions
+    from pneumoscope.evaluation.inference import predict_proba
+    from pneumoscope.evaluation.stress import stress_probabilities
+    from pneumoscope.evaluation.tta import TTA_VIEWS
+    from pneumoscope.models.checkpoint import load_checkpoint
+    from pneumoscope.models.ensemble import build_ensemble
+
+    search = json.loads((RESULTS / "recipe-search-kermany-r3.json").read_text())
+    name, rule = search["chosen_recipe"], search["chosen_threshold_rule"]
+    candidate = rs.ROUND3[name]
+    views = TTA_VIEWS if candidate.tta else None
+    plans = []
+    for split in split_seeds:  # all training first; no test film is read before every threshold
+        configs = [rs.round3_member_config(candidate.model, 10 * split + k, split, root, runs)
+                   for k in candidate.seeds]
+        for config in configs:
+            rs.ensure_trained(config)
+        wall = sum(read_summary(c.run_dir).wall_time_s for c in configs)
+        model_file = RunLayout(configs[0].run_dir).model
+        if len(configs) > 1:
+            model_file = Path(configs[0].out) / (f"{candidate.model}-ens-split{split}-seeds"
+                                                 + "-".join(str(c.train.seed) for c in configs)
+                                                 + ".safetensors")
+            if not model_file.is_file():
+                start = time.perf_counter()
+                build_ensemble([c.run_dir for c in configs], model_file)
+                wall += time.perf_counter() - start
+        plans.append((split, configs, model_file, wall))
+    per_seed, probs, thresholds, labels = [], [], [], None
+    for split, configs, model_file, wall in plans:
+        model, info = load_checkpoint(model_file, channels_last=True)
+        splits = load_splits(configs[0].data, split)
+        val = splits["val"]
+        val_images = np.asarray(val.images)
+        val_probs = predict_proba(model, val_images, tta=views)
+        threshold, method = float(info.threshold), info.threshold_method
+        if candidate.tta or rule == "stressed_youden":
+            pooled = [val_probs]
+            if rule == "stressed_youden":
+                pooled += list(stress_probabilities(model, val_images, tta=views).values())
+            threshold = choose_threshold(np.concatenate([val.labels] * len(pooled)), np.concatenate(pooled))
+            method = "youden" + (" on TTA probabilities" if views else "") + \
+                (" on clean+stressed validation" if rule == "stressed_youden" else "")
+        val_report = evaluate_predictions(val.labels, val_probs, threshold, n_bootstrap=0)
+        test = splits["test"]  # read once, after the operating point is fixed
+        test_probs = predict_proba(model, np.asarray(test.images), tta=views)
+        report = evaluate_predictions(test.labels, test_probs, threshold, records=test.records,
+                                      threshold_method=method, n_bootstrap=1000)
+        labels = np.asarray(test.labels)
+        probs.append(test_probs)
+        thresholds.append(threshold)
+        per_seed.append({"seed": split, "member_train_seeds": [c.train.seed for c in configs],
+                         "threshold": threshold, "threshold_method": method,
+                         "metrics": report["at_threshold"]["metrics"],
+                         "ci95": report["at_threshold"]["ci95"],
+                         "metrics_at_0.5": report["at_0.5"]["metrics"],
+                         "ci95_at_0.5": report["at_0.5"]["ci95"],
+                         "by_subtype": report.get("by_subtype"),
+                         "val_metrics": val_report["at_threshold"]["metrics"],
+                         "val_auc": val_report["at_threshold"]["metrics"]["auc"],
+                         "wall_time_s": wall, "model_file": str(model_file),
+                         "run_dirs": [str(c.run_dir) for c in configs],
+                         "specificity_by_series": {
+                             part: series_specificity(s.records, s.labels, p, threshold)
+                             for part, s, p in (("val", val, val_probs), ("test", test, test_probs))}})
+    assert labels is not None
+    mean = {m: float(np.nanmean([s["metrics"][m] for s in per_seed])) for m in METRIC_NAMES}
+    mean_05 = {m: float(np.nanmean([s["metrics_at_0.5"][m] for s in per_seed])) for m in METRIC_NAMES}
+    spread = {m: [float(np.nanmin([s["metrics"][m] for s in per_seed])),
+                  float(np.nanmax([s["metrics"][m] for s in per_seed]))] for m in METRIC_NAMES}
+    first = per_seed[0]["by_subtype"] or {}
+    subtype_recall = {k: float(np.mean([s["by_subtype"][k].get("sensitivity", np.nan) for s in per_seed]))
+                      for k in ("bacteria", "virus") if k in first}
+    members = len(candidate.seeds)
+    what = f"a deep ensemble of {members} members" if members > 1 else "one model"
+    return {
+        "model": candidate.model, "recipe": ROUND3, "candidate": name,
+        "dataset": "Kermany chest_xray (official test)", "split": "test",
+        "ensemble_members": members, "tta": [v.name for v in views] if views else None,
+        "threshold": float(np.mean(thresholds)),
+        "threshold_method": f"{per_seed[0]['threshold_method']} on each split seed's validation split"
+        .replace("youden", "Youden's J"),
+        "metrics": mean, "ci95": seed_mean_ci(labels, probs, thresholds),
+        "ci95_at_0.5": seed_mean_ci(labels, probs, [0.5] * len(probs)),
+        "seed_range": spread, "metrics_at_0.5": mean_05, "subtype_recall": subtype_recall,
+        "seeds": per_seed, "wall_time_s": round(sum(s["wall_time_s"] for s in per_seed), 1),
+        "wall_time_per_seed_s": [s["wall_time_s"] for s in per_seed],
+        "hardware": hardware(), "versions": versions(),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "config_overrides": [*rs.COMMON, *rs.ROUND3_BASE, f"model.name={candidate.model}"],
+        "note": (f"recipe_search.py --round 3 winner {name!r} (threshold rule {rule}); each seed is a "
+                 f"split seed; {what} (member train seeds 10*split+k); wall time = the members' "
+                 "training (+ building the ensemble), from their run folders; split seed 0's members "
+                 "are the search's runs"),
+    }
+
+
+def series_specificity(records: Any, labels: Any, probs: np.ndarray,
+                       threshold: float) -> dict[str, dict[str, float]]:
+    """:func:`specificity_by_series` for in-memory records and probabilities."""
+    out: dict[str, dict[str, float]] = {}
+    normals = [(r, p) for r, y, p in zip(records, labels, probs, strict=True) if int(y) == 0]
+    for series in sorted({normal_series(Path(r.path).name) for r, _ in normals}):
+        ps = [p for r, p in normals if normal_series(Path(r.path).name) == series]
+        out[series] = {"n": len(ps), "specificity": float(np.mean(np.asarray(ps) < threshold))}
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# {result['recipe']}", "", f"Command: `{result['command']}`  ",
              f"Hardware: {result['hardware']['cpu']}, {result['hardware']['cpu_cores_available']} cores, "
@@ -249,7 +371,7 @@ def summary() -> str:
 
     lines = ["| model | data | AUC | accuracy | sensitivity | specificity | source |",
              "|---|---|---|---|---|---|---|"]
-    for name in RECIPES:
+    for name in [*RECIPES, ROUND3]:
         path = RESULTS / f"{name}.json"
         if not path.is_file():
             continue
@@ -268,7 +390,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="Kermany folder (train/val/test)")
     parser.add_argument("--mnist", help="pneumoniamnist.npz")
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help=f"comma-separated; {ROUND3} (issue #16's headline) is run only when named")
+    parser.add_argument("--runs3", default="runs",
+                        help=f"{ROUND3}: the parent of recipe_search.py's run folders (its --runs)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/accuracy")
     parser.add_argument("--from-runs", action="store_true",
@@ -284,6 +409,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     RESULTS.mkdir(exist_ok=True)
     for name in args.recipes.split(","):
+        if name == ROUND3:
+            result = run_round3(args.data, seeds, Path(args.runs3))
+            (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            record_file(RESULTS / f"{name}.json", kind="evaluated")
+            (RESULTS / f"{name}.md").write_text(markdown(result))
+            (RESULTS / "accuracy-summary.md").write_text(summary())
+            print(markdown(result))
+            continue
         root = args.mnist if RECIPES[name]["data"] == "mnist" else args.data
         if root is None:
             logging.warning("skipping %s: no --mnist given", name)
