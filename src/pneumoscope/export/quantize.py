@@ -2,12 +2,13 @@
 keeps the model's answers.
 
 ONNX Runtime's ``quantize_static`` (QDQ format, uint8 activations, int8 per-channel weights:
-the U8S8 kernels ORT's CPU provider runs fastest on x86) with MinMax ranges collected on
-validation images, after ORT's ``quant_pre_process`` (shape inference and graph
-optimisation). The quantized model is then run beside the fp32 one on every validation image;
-it is written only if its validation AUC stays within ``auc_tolerance`` of the fp32 AUC and
-its label (at the model's threshold) agrees on at least ``min_agreement`` of the images. Both
-numbers go into the sidecar JSON under ``quantization``.
+the U8S8 kernels ORT's CPU provider runs fastest on x86; or symmetric int8 activations,
+:data:`ACTIVATIONS`) with MinMax ranges collected on validation images, after ORT's
+``quant_pre_process`` (shape inference and graph optimisation). The quantized model is then run
+beside the fp32 one on every validation image; it is written only if its validation AUC stays
+within ``auc_tolerance`` of the fp32 AUC and its label (at the model's threshold) agrees on at
+least ``min_agreement`` of the images. Both numbers go into the sidecar JSON under
+``quantization``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ log = logging.getLogger(__name__)
 
 QUANTIZATION = "int8-static-qdq"
 
+ACTIVATIONS: tuple[str, ...] = ("uint8", "int8-symmetric")
+"""How activations are quantized: ``uint8`` (asymmetric, the default) or ``int8-symmetric``
+(zero point 0). On the trained EfficientNet-Lite0 of benchmarks/int8_parity.py the symmetric
+choice kept far more validation labels (neither met the default rule there)."""
+
+
+class Int8ParityError(ParityError):
+    """The INT8 model does not keep the model's answers; ``record`` holds what was measured
+    (the sidecar's ``quantization`` entry it would have had)."""
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
 
 @dataclass(frozen=True)
 class Int8Rule:
@@ -53,6 +68,8 @@ class Int8Rule:
     """Smallest share of images whose label is the same under both."""
     calibration_images: int = 256
     """Validation images (evenly spread) whose activation ranges calibrate the quantization."""
+    activations: str = "uint8"
+    """One of :data:`ACTIVATIONS`."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.auc_tolerance <= 1:
@@ -61,6 +78,8 @@ class Int8Rule:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement!r}")
         if self.calibration_images < 1:
             raise ValueError(f"calibration_images must be at least 1, got {self.calibration_images!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
 
 
 def _batches(images: np.ndarray, size: int = 32) -> Iterator[np.ndarray]:
@@ -68,8 +87,11 @@ def _batches(images: np.ndarray, size: int = 32) -> Iterator[np.ndarray]:
         yield to_model_input_numpy(images[start:start + size])
 
 
-def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
-    """The INT8 (QDQ) model of an exported fp32 model, calibrated on uint8 (N, S, S) images."""
+def quantize_int8(fp32: bytes, calibration: np.ndarray, activations: str = "uint8") -> bytes:
+    """The INT8 (QDQ) model of an exported fp32 model, calibrated on uint8 (N, S, S) images;
+    ``activations``: one of :data:`ACTIVATIONS`."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     quantization = _import("onnxruntime.quantization")
     onnx = _import("onnx")
 
@@ -87,10 +109,13 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
     with tempfile.TemporaryDirectory(prefix="pneumoscope-int8-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         quantization.quant_pre_process(onnx.load_from_string(fp32), str(pre))
+        symmetric = activations == "int8-symmetric"
         quantization.quantize_static(
             str(pre), str(out), Reader(), quant_format=quantization.QuantFormat.QDQ,
-            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-            per_channel=True, calibrate_method=quantization.CalibrationMethod.MinMax)
+            activation_type=quantization.QuantType.QInt8 if symmetric else quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8, per_channel=True,
+            calibrate_method=quantization.CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": symmetric})
         return out.read_bytes()
 
 
@@ -132,8 +157,8 @@ def export_int8(checkpoint: str | Path, images: np.ndarray, labels: np.ndarray,
     """Export ``checkpoint`` as an INT8 ONNX model at ``out`` (default: ``<name>.int8.onnx``)
     with its sidecar ``<out>.json``, calibrated and checked on the validation ``images`` (uint8
     (N, S, S) at the model's size) and ``labels``. ``calibration``: other images to calibrate
-    on (default: ``rule.calibration_images`` of ``images``). Raises :class:`ParityError`, and
-    writes nothing, when the rule is not met."""
+    on (default: ``rule.calibration_images`` of ``images``). Raises :class:`Int8ParityError`
+    (a :class:`ParityError` carrying the numbers), and writes nothing, when the rule is not met."""
     checkpoint = Path(checkpoint)
     out = Path(out) if out is not None else checkpoint.with_suffix(".int8.onnx")
     if out.suffix.lower() != ".onnx":
@@ -153,20 +178,20 @@ def export_int8(checkpoint: str | Path, images: np.ndarray, labels: np.ndarray,
         pick = np.unique(np.linspace(0, len(images) - 1, min(rule.calibration_images, len(images))).round())
         calibration = images[pick.astype(int)]
     log.info("quantizing %s to INT8 (calibration: %d images)", checkpoint, len(calibration))
-    int8 = quantize_int8(fp32, calibration)
+    int8 = quantize_int8(fp32, calibration, rule.activations)
     parity = int8_parity(fp32_session, ort_session(int8), images, labels, info.threshold)
-    record = {"type": QUANTIZATION, "activations": "uint8", "weights": "int8, per channel",
+    record = {"type": QUANTIZATION, "weights": "int8, per channel",
               **asdict(rule), "calibration": "MinMax", "calibration_images": len(calibration), **parity,
               "fp32_vs_torch_max_abs_diff": torch_diff,
               "runtime": f"onnxruntime {_import('onnxruntime').__version__}"}
     ok = (abs(parity["auc_difference"]) <= rule.auc_tolerance
           and parity["label_agreement"] >= rule.min_agreement)  # NaN fails both
     if not ok:
-        raise ParityError(
+        raise Int8ParityError(
             f"{out}: INT8 does not keep the model's answers on {parity['n_images']} validation images: "
             f"AUC {parity['auc_int8']:.4f} vs fp32 {parity['auc_fp32']:.4f} (tolerance "
             f"{rule.auc_tolerance:g}), labels agree on {100 * parity['label_agreement']:.2f}% (need "
-            f"{100 * rule.min_agreement:g}%); the INT8 model is not written")
+            f"{100 * rule.min_agreement:g}%); the INT8 model is not written", record)
     meta = {**onnx_metadata(info, checkpoint.name), "quantization": QUANTIZATION}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".onnx.tmp")
@@ -178,4 +203,5 @@ def export_int8(checkpoint: str | Path, images: np.ndarray, labels: np.ndarray,
     return out
 
 
-__all__ = ["Int8Rule", "export_int8", "int8_parity", "quantize_int8", "with_metadata"]
+__all__ = ["ACTIVATIONS", "Int8ParityError", "Int8Rule", "export_int8", "int8_parity", "quantize_int8",
+           "with_metadata"]
