@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(sections) - set(SECTIONS)):
         parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("root", "onnxruntime", "pneumoscope"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)  # ORT's quantizer logs every weight scale
+    # ORT's quantizer logs every weight scale it adjusts at INFO, on the root logger.
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
 
     import importlib.metadata
 

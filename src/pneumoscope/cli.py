@@ -650,8 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=256, metavar="N",
                    help="validation films that calibrate the INT8 ranges (default 256)")
     p.add_argument("--int8-activations", choices=["uint8", "int8-symmetric"], default="uint8",
-                   help="how activations are quantized (default uint8; int8-symmetric kept more "
-                   "labels of a trained EfficientNet-Lite0: benchmarks/int8_parity.py)")
+                   help="how activations are quantized (default uint8; int8-symmetric: zero point 0, "
+                   "to try where the default is refused)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="class activation maps (Grad-CAM and others) for images",

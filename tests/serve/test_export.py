@@ -221,3 +221,37 @@ def test_cli_export_int8_on_the_models_validation_split(ckpt: Path, kermany_tree
     assert q["n_images"] > 0 and q["auc_tolerance"] == 1 and q["min_agreement"] == 0
     assert q["activations"] == "int8-symmetric"
     assert f"labels agree on {100 * q['label_agreement']:.2f}%" in capsys.readouterr().out
+
+
+def test_shape_arithmetic_is_not_quantized() -> None:
+    """timm's "same" padding computes pad widths in float from Shape (Lite0's graph): those nodes
+    stay in float; the pixels' path (Pad's data input, Conv, Clip) is quantized as usual."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from pneumoscope.export.quantize import shape_nodes
+
+    node = helper.make_node
+    graph = helper.make_graph(
+        [node("Shape", ["x"], ["s"], name="shape"),
+         node("Gather", ["s", "two"], ["h"], name="gather"),
+         node("Cast", ["h"], ["hf"], name="cast", to=TensorProto.FLOAT),
+         node("Div", ["hf", "stride"], ["q"], name="div"),
+         node("Ceil", ["q"], ["c"], name="ceil"),
+         node("Sub", ["c", "hf"], ["d"], name="sub"),
+         node("Clip", ["d", "zero"], ["pad_f"], name="max0"),
+         node("Cast", ["pad_f"], ["pad_i"], name="to_int", to=TensorProto.INT64),
+         node("Concat", ["pad_i", "pad_i", "pad_i", "pad_i", "pad_i", "pad_i", "pad_i", "pad_i"], ["pads"],
+              name="concat", axis=0),
+         node("Pad", ["x", "pads"], ["padded"], name="pad"),
+         node("Conv", ["padded", "w"], ["y"], name="conv"),
+         node("Clip", ["y", "zero", "six"], ["out"], name="relu6")],
+        "same-padding", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        [helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+         helper.make_tensor("stride", TensorProto.FLOAT, [], [2.0]),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("six", TensorProto.FLOAT, [], [6.0]),
+         helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 3, 3], [0.1] * 9)])
+    onnx.checker.check_graph(graph)
+    assert shape_nodes(graph) == ["shape", "gather", "cast", "div", "ceil", "sub", "max0", "to_int", "concat"]

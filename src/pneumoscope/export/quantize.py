@@ -4,7 +4,8 @@ keeps the model's answers.
 ONNX Runtime's ``quantize_static`` (QDQ format, uint8 activations, int8 per-channel weights:
 the U8S8 kernels ORT's CPU provider runs fastest on x86; or symmetric int8 activations,
 :data:`ACTIVATIONS`) with MinMax ranges collected on validation images, after ORT's
-``quant_pre_process`` (shape inference and graph optimisation). The quantized model is then run
+``quant_pre_process`` (shape inference and graph optimisation); shape arithmetic stays in
+float (:func:`shape_nodes`). The quantized model is then run
 beside the fp32 one on every validation image; it is written only if its validation AUC stays
 within ``auc_tolerance`` of the fp32 AUC and its label (at the model's threshold) agrees on at
 least ``min_agreement`` of the images. Both numbers go into the sidecar JSON under
@@ -45,8 +46,8 @@ QUANTIZATION = "int8-static-qdq"
 
 ACTIVATIONS: tuple[str, ...] = ("uint8", "int8-symmetric")
 """How activations are quantized: ``uint8`` (asymmetric, the default) or ``int8-symmetric``
-(zero point 0). On the trained EfficientNet-Lite0 of benchmarks/int8_parity.py the symmetric
-choice kept far more validation labels (neither met the default rule there)."""
+(zero point 0), an option to try on a model the default refuses (benchmarks/int8_parity.py
+measures both on trained models)."""
 
 
 class Int8ParityError(ParityError):
@@ -87,9 +88,29 @@ def _batches(images: np.ndarray, size: int = 32) -> Iterator[np.ndarray]:
         yield to_model_input_numpy(images[start:start + size])
 
 
+def shape_nodes(graph: Any) -> list[str]:
+    """Names of the nodes of an ONNX graph that compute tensor shapes, not pixels: a ``Shape``
+    node and every node whose inputs are all such results or constants. timm's "same" padding
+    (EfficientNet-Lite) computes its pad widths this way in float (Cast, Div, Ceil, Clip ...);
+    quantized, the pad widths change and so does every later feature map (the INT8 model of a
+    trained Lite0 lost 2.8 % of its validation labels that way: benchmarks/int8_parity.py)."""
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    shapes: set[str] = set()
+    names = []
+    for node in graph.node:  # topologically sorted, as ONNX requires
+        inputs = [i for i in node.input if i]
+        if node.op_type == "Shape" or (any(i in shapes for i in inputs)
+                                       and all(i in shapes or i in constants for i in inputs)):
+            shapes.update(node.output)
+            names.append(node.name)
+    return names
+
+
 def quantize_int8(fp32: bytes, calibration: np.ndarray, activations: str = "uint8") -> bytes:
     """The INT8 (QDQ) model of an exported fp32 model, calibrated on uint8 (N, S, S) images;
-    ``activations``: one of :data:`ACTIVATIONS`."""
+    ``activations``: one of :data:`ACTIVATIONS`. Shape arithmetic (:func:`shape_nodes`) stays
+    in float."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     quantization = _import("onnxruntime.quantization")
@@ -109,12 +130,13 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray, activations: str = "uint
     with tempfile.TemporaryDirectory(prefix="pneumoscope-int8-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         quantization.quant_pre_process(onnx.load_from_string(fp32), str(pre))
+        excluded = shape_nodes(onnx.load(str(pre)).graph)
         symmetric = activations == "int8-symmetric"
         quantization.quantize_static(
             str(pre), str(out), Reader(), quant_format=quantization.QuantFormat.QDQ,
             activation_type=quantization.QuantType.QInt8 if symmetric else quantization.QuantType.QUInt8,
             weight_type=quantization.QuantType.QInt8, per_channel=True,
-            calibrate_method=quantization.CalibrationMethod.MinMax,
+            calibrate_method=quantization.CalibrationMethod.MinMax, nodes_to_exclude=excluded,
             extra_options={"ActivationSymmetric": symmetric})
         return out.read_bytes()
 
@@ -180,7 +202,7 @@ def export_int8(checkpoint: str | Path, images: np.ndarray, labels: np.ndarray,
     log.info("quantizing %s to INT8 (calibration: %d images)", checkpoint, len(calibration))
     int8 = quantize_int8(fp32, calibration, rule.activations)
     parity = int8_parity(fp32_session, ort_session(int8), images, labels, info.threshold)
-    record = {"type": QUANTIZATION, "weights": "int8, per channel",
+    record = {"type": QUANTIZATION, "weights": "int8, per channel", "shape_arithmetic": "float",
               **asdict(rule), "calibration": "MinMax", "calibration_images": len(calibration), **parity,
               "fp32_vs_torch_max_abs_diff": torch_diff,
               "runtime": f"onnxruntime {_import('onnxruntime').__version__}"}
@@ -204,4 +226,4 @@ def export_int8(checkpoint: str | Path, images: np.ndarray, labels: np.ndarray,
 
 
 __all__ = ["ACTIVATIONS", "Int8ParityError", "Int8Rule", "export_int8", "int8_parity", "quantize_int8",
-           "with_metadata"]
+           "shape_nodes", "with_metadata"]
