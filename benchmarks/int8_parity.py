@@ -243,14 +243,15 @@ def to_markdown(r: dict[str, Any]) -> str:
                   "spread validation films) run beside the fp32 ONNX model on every validation film; "
                   "the rule writes the INT8 file only if |ΔAUC| ≤ 0.003 and ≥ 99.5 % of the labels "
                   "(at the model's threshold) agree. No test film is read.", "",
-                  "| model | option | val n | AUC fp32 | AUC int8 | ΔAUC | labels agree | max abs Δp "
-                  "| rule |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | option | val n | AUC fp32 | AUC int8 | ΔAUC | labels agree | label flips "
+                  "(fp32 p within … of the threshold) | max abs Δp | rule |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for m in s["int8"].values():
             for name, o in m["options"].items():
                 lines.append(f"| {m['model']} ({m['image_size']} px) | {name} | {o['n_images']} | "
                              f"{_f(o['auc_fp32'])} | {_f(o['auc_int8'])} | {o['auc_difference']:+.4f} | "
-                             f"{100 * o['label_agreement']:.2f} % | {_f(o['max_abs_prob_diff'], 3)} | "
+                             f"{100 * o['label_agreement']:.2f} % | {o['flipped']} "
+                             f"({_f(o['flipped_max_fp32_distance'], 3)}) | {_f(o['max_abs_prob_diff'], 3)} | "
                              f"{'written' if o['written'] else '**refused**'} |")
         lines.append("")
         for m in s["int8"].values():

@@ -44,6 +44,7 @@ def test_quick_run_writes_both_sections(tmp_path: Path) -> None:
         # The rule's verdict is the one the numbers give.
         passed = abs(option["auc_difference"]) <= 0.003 and option["label_agreement"] >= 0.995
         assert option["written"] == passed
+        assert option["flipped"] == round((1 - option["label_agreement"]) * option["n_images"])
     draft = result["sections"]["draft"]
     assert draft["summary"]["all"]["n"] == 4 * (1 + len(int8_parity.REENCODE))
     assert all(0 <= r["abs_diff"] <= 1 and r["p_draft"] is not None for r in draft["images"])

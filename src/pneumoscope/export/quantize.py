@@ -167,10 +167,14 @@ def int8_parity(fp32: Any, int8: Any, images: np.ndarray, labels: np.ndarray,
     p32, p8 = probabilities(fp32, images), probabilities(int8, images)
     auc32 = binary_metrics(labels, p32, threshold)["auc"]
     auc8 = binary_metrics(labels, p8, threshold)["auc"]
+    flipped = (p32 >= threshold) != (p8 >= threshold)
     return {"n_images": len(images), "auc_fp32": auc32, "auc_int8": auc8,
-            "auc_difference": auc8 - auc32,
-            "label_agreement": float(np.mean((p32 >= threshold) == (p8 >= threshold))),
-            "max_abs_prob_diff": float(np.max(np.abs(p32 - p8))), "threshold": threshold}
+            "auc_difference": auc8 - auc32, "label_agreement": float(np.mean(~flipped)),
+            "max_abs_prob_diff": float(np.max(np.abs(p32 - p8))), "threshold": threshold,
+            # How borderline the films whose label changed were (under fp32).
+            "flipped": int(flipped.sum()),
+            "flipped_max_fp32_distance": float(np.max(np.abs(p32[flipped] - threshold))) if flipped.any()
+            else None}
 
 
 def export_int8(checkpoint: str | Path, images: np.ndarray, labels: np.ndarray,
