@@ -5,11 +5,10 @@ ONNX Runtime's ``quantize_static`` (QDQ format, uint8 activations, int8 per-chan
 the U8S8 kernels ORT's CPU provider runs fastest on x86; or symmetric int8 activations,
 :data:`ACTIVATIONS`) with MinMax ranges collected on validation images, after ORT's
 ``quant_pre_process`` (shape inference and graph optimisation); shape arithmetic stays in
-float (:func:`shape_nodes`). The quantized model is then run
-beside the fp32 one on every validation image; it is written only if its validation AUC stays
-within ``auc_tolerance`` of the fp32 AUC and its label (at the model's threshold) agrees on at
-least ``min_agreement`` of the images. Both numbers go into the sidecar JSON under
-``quantization``.
+float (:func:`shape_nodes`). The quantized model is then run beside the fp32 one on every
+validation image; it is written only if its validation AUC stays within ``auc_tolerance`` of
+the fp32 AUC and its label (at the model's threshold) agrees on at least ``min_agreement`` of
+the images. Both numbers go into the sidecar JSON under ``quantization``.
 """
 
 from __future__ import annotations
@@ -93,7 +92,8 @@ def shape_nodes(graph: Any) -> list[str]:
     node and every node whose inputs are all such results or constants. timm's "same" padding
     (EfficientNet-Lite) computes its pad widths this way in float (Cast, Div, Ceil, Clip ...);
     quantized, the pad widths change and so does every later feature map (the INT8 model of a
-    trained Lite0 lost 2.8 % of its validation labels that way: benchmarks/int8_parity.py)."""
+    trained Lite0 kept 97.19 % of its validation labels that way, 99.06 % without:
+    benchmarks/int8_parity.py)."""
     constants = {t.name for t in graph.initializer}
     constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     shapes: set[str] = set()
