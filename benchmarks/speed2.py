@@ -25,7 +25,8 @@ Sections (``--only`` picks some):
 
 Models are random-init at 224 px (timings are those of the real architectures; the outputs mean
 nothing), so the INT8 parity rule (which needs a trained model's validation AUC) is not part of
-this benchmark: ``pneumoscope export --quantize int8`` applies it to a real model. Every
+this benchmark: ``pneumoscope export --quantize int8`` applies it to a real model, and
+benchmarks/int8_parity.py measures it on trained ones. Every
 measurement runs in a fresh subprocess (speed.py's convention). Writes
 ``benchmarks/results/speed2-cpu.{json,md}`` (``--out`` to change).
 """

@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.config import RunConfig, checkpoint_split_seed, load_config, parse_override, save_config
+from pneumoscope.config import (
+    RunConfig,
+    checkpoint_data_config,
+    checkpoint_split_seed,
+    load_config,
+    parse_override,
+    save_config,
+)
 
 
 def test_defaults_yaml_and_overrides(tmp_path: Path) -> None:
@@ -86,3 +93,15 @@ def test_split_seed_defaults_to_the_training_seed_and_can_be_pinned() -> None:
     assert checkpoint_split_seed(pinned.to_dict(), 42) == 0
     assert checkpoint_split_seed(load_config(dotted=["train.seed=5"]).to_dict(), 42) == 5
     assert checkpoint_split_seed({}, 42) == 42
+
+
+def test_checkpoint_data_config_keeps_the_saved_split_fields_only() -> None:
+    saved = load_config(dotted=["train.seed=3", "data.split_seed=1", "data.val_fraction=0.2",
+                                "data.subset=0.5", "data.cache_dir=/elsewhere",
+                                "data.image_size=64"]).to_dict()
+    config = checkpoint_data_config(saved, "/data", 128)
+    assert (config.split_seed, config.train.seed) == (1, 3)
+    assert (config.data.val_fraction, config.data.subset) == (0.2, 0.5)
+    assert (config.data.root, config.data.image_size, config.data.cache_dir) == ("/data", 128, None)
+    old = checkpoint_data_config({}, "/data", 64)  # a file that records no config: the defaults
+    assert (old.split_seed, old.data.val_fraction) == (RunConfig().split_seed, RunConfig().data.val_fraction)

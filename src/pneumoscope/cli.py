@@ -21,7 +21,7 @@ from typing import Any
 # Commands import their stage when they run: `pneumoscope --help` and `models` stay instant,
 # and a command whose optional extra is missing fails alone, with the install hint.
 from pneumoscope import __version__, logs
-from pneumoscope.config import RunConfig, checkpoint_split_seed, load_config
+from pneumoscope.config import RunConfig, checkpoint_data_config, load_config
 from pneumoscope.runs import SplitReport
 from pneumoscope.runtime import keep_freed_memory
 
@@ -470,21 +470,21 @@ def _row_verdict(row: Any) -> str:
     return str(row.label)
 
 
-def _model_splits(checkpoint: str, data: str) -> tuple[Any, dict[str, Any]]:
-    """A checkpoint's info and its own patient-grouped split of ``data`` (by its split seed),
-    decoded at its input size."""
+def _model_splits(checkpoint: str, data: str, only: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """A checkpoint's info and the ``only`` splits of its own patient-grouped split of ``data``
+    (its saved split fields), decoded at its input size."""
     from pneumoscope.data.datasets import load_splits
     from pneumoscope.models.checkpoint import read_info
 
     info = read_info(checkpoint)
-    config = load_config(dotted=[f"data.root={data}", f"data.image_size={info.preprocessing.image_size}"])
-    return info, load_splits(config.data, checkpoint_split_seed(info.config, config.train.seed))
+    config = checkpoint_data_config(info.config, data, info.preprocessing.image_size)
+    return info, load_splits(config.data, config.split_seed, only)
 
 
 def cmd_gate_fit(args: argparse.Namespace) -> int:
     from pneumoscope.guard.model_file import add_gate, fit_gate_for, score_rates
 
-    info, splits = _model_splits(args.checkpoint, args.data)
+    info, splits = _model_splits(args.checkpoint, args.data, ("train", "val"))
     gate = fit_gate_for(splits["train"].images, splits["val"].images,
                         info.preprocessing.image_size, data_root=args.data)
     out = add_gate(args.checkpoint, gate, args.out)
@@ -510,8 +510,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError("--quantize int8 needs --data: the model's training data, whose validation "
                              "films calibrate and check the INT8 model")
         rule = Int8Rule(auc_tolerance=args.int8_auc_tolerance, min_agreement=args.int8_min_agreement,
-                        calibration_images=args.calibration_images)
-        _, splits = _model_splits(args.checkpoint, args.data)
+                        calibration_images=args.calibration_images, activations=args.int8_activations)
+        _, splits = _model_splits(args.checkpoint, args.data, ("val",))
         val = splits["val"]
         out = export_int8(args.checkpoint, val.images, val.labels, args.out, rule=rule,
                           opset=args.opset)
@@ -692,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest share of validation films with the same label (default 0.995)")
     p.add_argument("--calibration-images", type=int, default=256, metavar="N",
                    help="validation films that calibrate the INT8 ranges (default 256)")
+    p.add_argument("--int8-activations", choices=["uint8", "int8-symmetric"], default="uint8",
+                   help="how activations are quantized (default uint8; int8-symmetric: zero point 0, "
+                   "to try where the default is refused)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="class activation maps (Grad-CAM and others) for images",

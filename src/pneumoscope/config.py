@@ -410,3 +410,19 @@ def checkpoint_split_seed(saved: dict[str, Any], default: int) -> int:
     ``train.seed``; ``default`` for files that record neither)."""
     split = (saved.get("data") or {}).get("split_seed")
     return int(split) if split is not None else int((saved.get("train") or {}).get("seed", default))
+
+
+SPLIT_KEYS: dict[str, tuple[str, ...]] = {"data": ("val_fraction", "split_seed", "subset"),
+                                          "train": ("seed",)}
+"""The saved config fields that decide which films a run trained and validated on."""
+
+
+def checkpoint_data_config(saved: Mapping[str, Any], root: str | Path, image_size: int) -> RunConfig:
+    """A config that rebuilds a model's own splits of ``root`` at ``image_size``: the
+    :data:`SPLIT_KEYS` of its saved config (a model trained with ``data.val_fraction=0.2``
+    is checked on its validation films, not on the default 15 %), defaults for the rest
+    (cache and paths are this machine's)."""
+    kept = {section: {k: v for k, v in (saved.get(section) or {}).items() if k in keys}
+            for section, keys in SPLIT_KEYS.items()}
+    kept["data"] = {**kept["data"], "root": str(root), "image_size": image_size}
+    return load_config(overrides=kept)

@@ -104,7 +104,7 @@ def training_films(layout: RunLayout, config: RunConfig, data: str | Path | None
     root = Path(data) if data is not None else Path(config.data.root or "")
     size = config.data.image_size
     if root.suffix == ".npz":  # PneumoniaMNIST: its official train split, as the run used it
-        train = load_pneumoniamnist(root, size, splits=("train",))["train"]
+        train = load_pneumoniamnist(root, size, only=("train",))["train"]
         if len(train.records) != len(records):
             raise ValueError(f"{root}: its train split has {len(train.records)} images but the run "
                              f"trained on {len(records)} ({path})")

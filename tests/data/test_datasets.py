@@ -27,6 +27,15 @@ def test_pneumoniamnist_keeps_official_splits(tmp_path: Path) -> None:
             np.testing.assert_array_equal(splits[name].labels, npz[f"{name}_labels"].ravel())
     config = load_config(dotted=[f"data.root={path}", "data.image_size=28"]).data
     assert load_splits(config, 0)["val"].images.shape[1:] == (28, 28)
+    assert list(load_splits(config, 0, only=("val",))) == ["val"]
+
+
+def test_load_splits_decodes_only_the_splits_asked_for(kermany_tree: Path) -> None:
+    config = load_config(dotted=[f"data.root={kermany_tree}", "data.image_size=32"]).data
+    val = load_splits(config, 0, only=("val",))
+    assert list(val) == ["val"]
+    assert not any(r.split == "test" for r in val["val"].records)
+    np.testing.assert_array_equal(val["val"].images, load_splits(config, 0)["val"].images)
 
 
 def test_pneumoniamnist_errors(tmp_path: Path) -> None:

@@ -188,8 +188,12 @@ def test_int8_export_refuses_when_the_rule_fails(separable: tuple, tmp_path: Pat
 
     model_file, images, labels = separable
     # The default rule (0.003 AUC, 99.5 % of the labels): this model's INT8 copy falls short.
-    with pytest.raises(export.ParityError, match=r"labels agree on 9\d\.\d+% \(need 99.5%\)"):
+    with pytest.raises(export.ParityError, match=r"labels agree on 9\d\.\d+% \(need 99.5%\)") as refused:
         export_int8(model_file, images, labels, tmp_path / "default.onnx")
+    # The refusal carries what was measured (benchmarks/int8_parity.py reports it).
+    record = refused.value.record  # type: ignore[attr-defined]
+    assert 0.9 < record["label_agreement"] < 0.995 and record["n_images"] == len(images)
+    assert record["activations"] == "uint8" and record["min_agreement"] == 0.995
     # Calibrated on black frames: every activation range is wrong, even the loose rule fails.
     with pytest.raises(export.ParityError, match="not written"):
         export_int8(model_file, images, labels, tmp_path / "bad.onnx",
@@ -198,6 +202,8 @@ def test_int8_export_refuses_when_the_rule_fails(separable: tuple, tmp_path: Pat
     assert not list(tmp_path.glob("*.onnx*"))
     with pytest.raises(ValueError, match="min_agreement"):
         Int8Rule(min_agreement=1.5)
+    with pytest.raises(ValueError, match=r"activations must be one of .* got 'int4'"):
+        Int8Rule(activations="int4")
 
 
 def test_cli_export_int8_needs_data(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,7 +215,43 @@ def test_cli_export_int8_on_the_models_validation_split(ckpt: Path, kermany_tree
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "m.int8.onnx"
     argv = ["export", str(ckpt), "--quantize", "int8", "--data", str(kermany_tree), "--out", str(out)]
-    assert main([*argv, "--int8-auc-tolerance", "1", "--int8-min-agreement", "0"]) == 0
+    assert main([*argv, "--int8-auc-tolerance", "1", "--int8-min-agreement", "0",
+                 "--int8-activations", "int8-symmetric"]) == 0
     q = json.loads(Path(f"{out}.json").read_text())["quantization"]
     assert q["n_images"] > 0 and q["auc_tolerance"] == 1 and q["min_agreement"] == 0
+    assert q["activations"] == "int8-symmetric"
     assert f"labels agree on {100 * q['label_agreement']:.2f}%" in capsys.readouterr().out
+
+
+def test_shape_arithmetic_is_not_quantized() -> None:
+    """timm's "same" padding computes pad widths in float from Shape (Lite0's graph): those nodes
+    stay in float; the pixels' path (Pad's data input, Conv, Clip) is quantized as usual."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from pneumoscope.export.quantize import shape_nodes
+
+    node = helper.make_node
+    graph = helper.make_graph(
+        [node("Shape", ["x"], ["s"], name="shape"),
+         node("Gather", ["s", "two"], ["h"], name="gather"),
+         node("Cast", ["h"], ["hf"], name="cast", to=TensorProto.FLOAT),
+         node("Div", ["hf", "stride"], ["q"], name="div"),
+         node("Ceil", ["q"], ["c"], name="ceil"),
+         node("Sub", ["c", "hf"], ["d"], name="sub"),
+         node("Clip", ["d", "zero"], ["pad_f"], name="max0"),
+         node("Cast", ["pad_f"], ["pad_i"], name="to_int", to=TensorProto.INT64),
+         node("Concat", ["pad_i", "pad_i", "pad_i", "pad_i", "pad_i", "pad_i", "pad_i", "pad_i"], ["pads"],
+              name="concat", axis=0),
+         node("Pad", ["x", "pads"], ["padded"], name="pad"),
+         node("Conv", ["padded", "w"], ["y"], name="conv"),
+         node("Clip", ["y", "zero", "six"], ["out"], name="relu6")],
+        "same-padding", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        [helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+         helper.make_tensor("stride", TensorProto.FLOAT, [], [2.0]),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("six", TensorProto.FLOAT, [], [6.0]),
+         helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 3, 3], [0.1] * 9)])
+    onnx.checker.check_graph(graph)
+    assert shape_nodes(graph) == ["shape", "gather", "cast", "div", "ceil", "sub", "max0", "to_int", "concat"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import lightning as L
@@ -25,19 +26,19 @@ NPZ_SPLITS = ("train", "val", "test")
 
 
 def load_pneumoniamnist(path: str | Path, size: int,
-                        splits: tuple[str, ...] = NPZ_SPLITS) -> dict[str, SplitData]:
+                        only: Collection[str] = NPZ_SPLITS) -> dict[str, SplitData]:
     """Read a MedMNIST ``pneumoniamnist.npz`` (official splits kept) resized to ``size``;
-    ``splits``: only these (e.g. ``("train",)``: the test images are never decoded)."""
+    ``only``: just these splits (e.g. ``("train",)``: the test images are never decoded)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"PneumoniaMNIST file not found: {path}")
     with np.load(path) as npz:
-        missing = [f"{s}_{k}" for s in splits for k in ("images", "labels")
+        missing = [f"{s}_{k}" for s in only for k in ("images", "labels")
                    if f"{s}_{k}" not in npz]
         if missing:
             raise ValueError(f"{path} is not a PneumoniaMNIST file: missing keys {missing}")
         out = {}
-        for split in splits:
+        for split in (s for s in NPZ_SPLITS if s in only):
             raw = npz[f"{split}_images"]
             labels = npz[f"{split}_labels"].reshape(-1).astype(int)
             if raw.ndim != 3 or len(raw) != len(labels):
@@ -53,17 +54,18 @@ def load_pneumoniamnist(path: str | Path, size: int,
     return out
 
 
-def load_splits(config: DataConfig, seed: int) -> dict[str, SplitData]:
+def load_splits(config: DataConfig, seed: int, only: Collection[str] | None = None) -> dict[str, SplitData]:
     """Resolve ``config.root`` into decoded train/val/test splits.
 
     Folders: validation is a patient-grouped share of the train pool, the official test split
-    stays as it is. PneumoniaMNIST: its official splits.
+    stays as it is. PneumoniaMNIST: its official splits. ``only``: decode just these splits
+    (e.g. ``("val",)``: a check on validation films never reads a test image).
     """
     if config.root is None:
         raise ValueError("data.root is not set: pass --data PATH (or run `pneumoscope data download`)")
     root = Path(config.root)
     if root.suffix == ".npz":
-        splits = load_pneumoniamnist(root, config.image_size)
+        splits = load_pneumoniamnist(root, config.image_size, NPZ_SPLITS if only is None else only)
     else:
         found = load_folder(root)
         chosen = make_splits(found, config.val_fraction, seed)
@@ -74,7 +76,7 @@ def load_splits(config: DataConfig, seed: int) -> dict[str, SplitData]:
             chosen = {k: attach_manifest(v, config.manifest) for k, v in chosen.items()}
         splits = {
             name: cached_images(recs, config.image_size, config.cache_dir, desc=f"decoding {name}")
-            for name, recs in chosen.items() if recs
+            for name, recs in chosen.items() if recs and (only is None or name in only)
         }
     for name, split in splits.items():
         if split.failures:
