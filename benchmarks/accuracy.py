@@ -274,7 +274,7 @@ def run_round3(root: str, split_seeds: list[int], runs: Path) -> dict[str, Any]:
     members = len(candidate.seeds)
     what = f"a deep ensemble of {members} members" if members > 1 else "one model"
     return {
-        "model": candidate.model, "recipe": ROUND3, "candidate": name,
+        "model": candidate.model, "recipe": f"{ROUND3}/{name}", "candidate": name,
         "dataset": "Kermany chest_xray (official test)", "split": "test",
         "ensemble_members": members, "tta": [v.name for v in views] if views else None,
         "threshold": float(np.mean(thresholds)),

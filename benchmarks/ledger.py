@@ -68,6 +68,11 @@ class TestRead:
     note: str = ""
 
 
+ADDED_AT_DEFAULT: dict[tuple[str, str], Any] = {("data", "split_seed"): None, ("eval", "tta"): False}
+"""Config fields added after the ledger began, left out of the hash at their default (which is
+what every earlier recipe ran with), so an unchanged recipe keeps its hash."""
+
+
 def recipe_sha256(config: RunConfig | Mapping[str, Any]) -> str:
     """SHA-256 of a recipe's resolved config (a mapping is resolved first: defaults filled in,
     old keys migrated), without the fields that name a run rather than define it."""
@@ -78,6 +83,9 @@ def recipe_sha256(config: RunConfig | Mapping[str, Any]) -> str:
     for key in ("root", "download_dir", "cache_dir"):
         d["data"].pop(key, None)
     d["train"].pop("seed", None)
+    for (section, key), default in ADDED_AT_DEFAULT.items():
+        if d[section].get(key, default) == default:
+            d[section].pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
