@@ -125,6 +125,19 @@ def specificity_by_series(predictions: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def over_seeds(per_seed: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float],
+                                                        dict[str, list[float]], dict[str, float]]:
+    """Mean over seeds (at each seed's threshold and at 0.5), seed range, subtype recall."""
+    mean = {m: float(np.nanmean([s["metrics"][m] for s in per_seed])) for m in METRIC_NAMES}
+    mean_05 = {m: float(np.nanmean([s["metrics_at_0.5"][m] for s in per_seed])) for m in METRIC_NAMES}
+    spread = {m: [float(np.nanmin([s["metrics"][m] for s in per_seed])),
+                  float(np.nanmax([s["metrics"][m] for s in per_seed]))] for m in METRIC_NAMES}
+    first = per_seed[0]["by_subtype"] or {}
+    subtype_recall = {k: float(np.mean([s["by_subtype"][k].get("sensitivity", np.nan) for s in per_seed]))
+                      for k in ("bacteria", "virus") if k in first}
+    return mean, mean_05, spread, subtype_recall
+
+
 def run_recipe(name: str, root: str, seeds: list[int], out: Path, *,
                from_runs: bool = False) -> dict[str, Any]:
     """Train each seed (or, with ``from_runs``, reuse finished run folders) and summarise."""
@@ -161,13 +174,7 @@ def run_recipe(name: str, root: str, seeds: list[int], out: Path, *,
     # Training time of the seeds (from their run folders), not of this summary.
     wall = sum(s["wall_time_s"] for s in per_seed) if from_runs else time.perf_counter() - start
     assert labels is not None
-    mean = {m: float(np.nanmean([s["metrics"][m] for s in per_seed])) for m in METRIC_NAMES}
-    mean_05 = {m: float(np.nanmean([s["metrics_at_0.5"][m] for s in per_seed])) for m in METRIC_NAMES}
-    spread = {m: [float(np.nanmin([s["metrics"][m] for s in per_seed])),
-                  float(np.nanmax([s["metrics"][m] for s in per_seed]))] for m in METRIC_NAMES}
-    first = per_seed[0]["by_subtype"] or {}
-    subtype_recall = {k: float(np.mean([s["by_subtype"][k].get("sensitivity", np.nan) for s in per_seed]))
-                      for k in ("bacteria", "virus") if k in first}
+    mean, mean_05, spread, subtype_recall = over_seeds(per_seed)
     return {
         "model": "efficientnet_lite0", "recipe": name, "dataset": recipe["dataset"], "split": "test",
         "threshold": float(np.mean(thresholds)),
@@ -264,13 +271,7 @@ def run_round3(root: str, split_seeds: list[int], runs: Path) -> dict[str, Any]:
                              part: series_specificity(s.records, s.labels, p, threshold)
                              for part, s, p in (("val", val, val_probs), ("test", test, test_probs))}})
     assert labels is not None
-    mean = {m: float(np.nanmean([s["metrics"][m] for s in per_seed])) for m in METRIC_NAMES}
-    mean_05 = {m: float(np.nanmean([s["metrics_at_0.5"][m] for s in per_seed])) for m in METRIC_NAMES}
-    spread = {m: [float(np.nanmin([s["metrics"][m] for s in per_seed])),
-                  float(np.nanmax([s["metrics"][m] for s in per_seed]))] for m in METRIC_NAMES}
-    first = per_seed[0]["by_subtype"] or {}
-    subtype_recall = {k: float(np.mean([s["by_subtype"][k].get("sensitivity", np.nan) for s in per_seed]))
-                      for k in ("bacteria", "virus") if k in first}
+    mean, mean_05, spread, subtype_recall = over_seeds(per_seed)
     members = len(candidate.seeds)
     what = f"a deep ensemble of {members} members" if members > 1 else "one model"
     return {
