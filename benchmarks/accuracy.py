@@ -210,7 +210,6 @@ def run_round3(root: str, split_seeds: list[int], runs: Path) -> dict[str, Any]:
     from pneumoscope.evaluation.stress import stress_probabilities
     from pneumoscope.evaluation.tta import TTA_VIEWS
     from pneumoscope.models.checkpoint import load_checkpoint
-    from pneumoscope.models.ensemble import build_ensemble
 
     search = json.loads((RESULTS / "recipe-search-kermany-r3.json").read_text())
     name, rule = search["chosen_recipe"], search["chosen_threshold_rule"]
@@ -223,15 +222,9 @@ def run_round3(root: str, split_seeds: list[int], runs: Path) -> dict[str, Any]:
         for config in configs:
             rs.ensure_trained(config)
         wall = sum(read_summary(c.run_dir).wall_time_s for c in configs)
-        model_file = RunLayout(configs[0].run_dir).model
-        if len(configs) > 1:
-            model_file = Path(configs[0].out) / (f"{candidate.model}-ens-split{split}-seeds"
-                                                 + "-".join(str(c.train.seed) for c in configs)
-                                                 + ".safetensors")
-            if not model_file.is_file():
-                start = time.perf_counter()
-                build_ensemble([c.run_dir for c in configs], model_file)
-                wall += time.perf_counter() - start
+        start = time.perf_counter()
+        model_file = rs.round3_model_file(configs) or RunLayout(configs[0].run_dir).model
+        wall += time.perf_counter() - start  # building the ensemble (0 when it exists)
         plans.append((split, configs, model_file, wall))
     per_seed, probs, thresholds, labels = [], [], [], None
     for split, configs, model_file, wall in plans:

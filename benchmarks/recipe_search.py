@@ -316,7 +316,7 @@ def round3_model_file(configs: list[RunConfig]) -> Path | None:
     from pneumoscope.models.ensemble import build_ensemble
 
     seeds = "".join(str(c.train.seed) for c in configs)
-    name = f"{configs[0].model.name}-ens-split{ROUND3_SPLIT_SEED}-seeds{seeds}.safetensors"
+    name = f"{configs[0].model.name}-ens-split{configs[0].split_seed}-seeds{seeds}.safetensors"
     out = Path(configs[0].out) / name
     if not out.is_file():
         build_ensemble([c.run_dir for c in configs], out)
