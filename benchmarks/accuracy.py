@@ -223,7 +223,9 @@ def run_round3(root: str, split_seeds: list[int], runs: Path) -> dict[str, Any]:
             rs.ensure_trained(config)
         wall = sum(read_summary(c.run_dir).wall_time_s for c in configs)
         start = time.perf_counter()
-        model_file = rs.round3_model_file(configs) or RunLayout(configs[0].run_dir).model
+        # An ensemble's file carries the recipe's threshold (TTA included): the headline model
+        # is one self-describing file that predict and serve use as it was scored here.
+        model_file = rs.round3_model_file(configs, tta=candidate.tta) or RunLayout(configs[0].run_dir).model
         wall += time.perf_counter() - start  # building the ensemble (0 when it exists)
         plans.append((split, configs, model_file, wall))
     per_seed, probs, thresholds, labels = [], [], [], None
@@ -233,8 +235,9 @@ def run_round3(root: str, split_seeds: list[int], runs: Path) -> dict[str, Any]:
         val = splits["val"]
         val_images = np.asarray(val.images)
         val_probs = predict_proba(model, val_images, tta=views)
-        threshold, method = float(info.threshold), info.threshold_method
-        if candidate.tta or rule == "stressed_youden":
+        threshold = float(info.threshold)
+        method = info.threshold_method + (" on TTA probabilities" if info.tta else "")
+        if rule == "stressed_youden" or (views and not info.tta):  # the file's rule differs: here
             pooled = [val_probs]
             if rule == "stressed_youden":
                 pooled += list(stress_probabilities(model, val_images, tta=views).values())

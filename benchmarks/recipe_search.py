@@ -309,17 +309,18 @@ def round3_runs(name: str, root: str, runs: Path) -> list[RunConfig]:
     return [round3_member_config(c.model, seed, ROUND3_SPLIT_SEED, root, runs) for seed in c.seeds]
 
 
-def round3_model_file(configs: list[RunConfig]) -> Path | None:
-    """``None`` for a single model (its run's file); else the ensemble file, built once."""
+def round3_model_file(configs: list[RunConfig], tta: bool = False) -> Path | None:
+    """``None`` for a single model (its run's file); else the ensemble file, built once
+    (``tta``: its threshold chosen on TTA validation probabilities, the views recorded)."""
     if len(configs) == 1:
         return None
     from pneumoscope.models.ensemble import build_ensemble
 
     seeds = "".join(str(c.train.seed) for c in configs)
-    name = f"{configs[0].model.name}-ens-split{configs[0].split_seed}-seeds{seeds}.safetensors"
-    out = Path(configs[0].out) / name
+    name = f"{configs[0].model.name}-ens-split{configs[0].split_seed}-seeds{seeds}{'-tta' * tta}"
+    out = Path(configs[0].out) / f"{name}.safetensors"
     if not out.is_file():
-        build_ensemble([c.run_dir for c in configs], out)
+        build_ensemble([c.run_dir for c in configs], out, tta=tta)
     return out
 
 

@@ -356,7 +356,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from pneumoscope.models.checkpoint import read_info
     from pneumoscope.models.ensemble import build_ensemble
 
-    out = build_ensemble(args.runs, args.out, data=args.data, overwrite=args.overwrite)
+    out = build_ensemble(args.runs, args.out, data=args.data, overwrite=args.overwrite, tta=args.tta)
     info = read_info(out)
     val = info.metrics.get("val") or {}
     nan = float("nan")
@@ -812,6 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the ensemble's model file (.safetensors)")
     p.add_argument("--data", help="the data root the members were trained on, if it has moved "
                    "(default: the one in their config)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose the threshold on test-time-augmented validation probabilities and "
+                   "record the views, so predict/serve use them (default: as the members were trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_ensemble)
 

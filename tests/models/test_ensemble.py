@@ -317,3 +317,17 @@ def test_the_gate_of_the_shared_split_is_copied_or_fitted_again(members, tmp_pat
     levels = gate.metadata()["levels"]
     assert [refitted["levels"][k] for k in ("warn", "refuse")] == pytest.approx(
         [levels["warn"], levels["refuse"]], rel=1e-4)
+
+
+def test_an_ensemble_with_tta_chooses_its_threshold_on_tta_probabilities(members, tmp_path: Path) -> None:
+    from pneumoscope.cli import main
+    from pneumoscope.evaluation.inference import predict_proba
+    from pneumoscope.evaluation.tta import TTA_VIEWS, view_names
+
+    out = tmp_path / "ens-tta.safetensors"
+    assert main(["ensemble", *map(str, members), "--out", str(out), "--tta"]) == 0
+    model, info = load_checkpoint(out)
+    assert info.tta == view_names(TTA_VIEWS)  # predict and serve follow the file
+    val = load_splits(load_config(overrides=info.config).data, 0)["val"]
+    probs = predict_proba(model, np.asarray(val.images), tta=TTA_VIEWS)
+    assert info.threshold == pytest.approx(choose_threshold(val.labels, probs, "youden"), abs=1e-6)

@@ -161,7 +161,7 @@ def _relative(path: str, root: str | Path) -> str:
 
 
 def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, *,
-                   data: str | None = None, overwrite: bool = False) -> Path:
+                   data: str | None = None, overwrite: bool = False, tta: bool | None = None) -> Path:
     """Average the models of finished training runs ``run_dirs`` into one model file ``out``.
 
     Refuses (``ValueError`` naming the runs) fewer than 2 runs, members of different models,
@@ -170,7 +170,9 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, *,
     that it is every member's validation split and that no validation patient is in any member's
     training split, re-fits the threshold on it with the members' rule, and copies or re-fits
     the input gate. The test split is never scored here. An existing ``out`` is replaced
-    only with ``overwrite``.
+    only with ``overwrite``. ``tta``: choose the threshold on test-time-augmented validation
+    probabilities and record the views in the file (so predict/serve use them by default);
+    ``None``: as the members were trained (``eval.tta``).
     """
     from pneumoscope.config import TrainConfig, checkpoint_split_seed, load_config, with_overrides
     from pneumoscope.data.datasets import load_splits
@@ -263,7 +265,8 @@ def build_ensemble(run_dirs: Sequence[str | Path], out: str | Path, *,
     ensemble = EnsembleClassifier([model for model, _ in loaded])
     ec = config.eval
     # The stress tests are scored only when the threshold is chosen on them.
-    ec = with_overrides(config, eval={"stress_test": ec.threshold_rule.pooled_with_stress}).eval
+    ec = with_overrides(config, eval={"stress_test": ec.threshold_rule.pooled_with_stress,
+                                      "tta": ec.tta if tta is None else tta}).eval
     log.info("scoring %d validation films with %d members", len(val.records), len(ensemble))
     chosen = choose_on_validation(ensemble, val, ec)
     metrics = chosen.report["at_threshold"]["metrics"]
