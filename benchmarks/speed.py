@@ -130,6 +130,9 @@ def _epoch_timer() -> Any:
             self.sink.augment_s += time.perf_counter() - t
             return out
 
+        def seed(self, seed: int) -> None:  # the module re-seeds augmentation every step
+            self.inner.seed(seed)
+
     class EpochTimer(L.Callback):
         def __init__(self) -> None:
             self.rows: list[dict[str, float]] = []
