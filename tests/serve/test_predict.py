@@ -260,6 +260,21 @@ def test_decode_workers_0_gives_the_same_rows(predictor: Predictor, many: Path) 
     assert [r.to_dict() for r in seq] == [r.to_dict() for r in pooled]
 
 
+def test_one_file_decodes_in_the_calling_thread(predictor: Predictor, many: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    first = sorted(many.iterdir())[0]
+    want = predictor.predict_files([first], batch_size=4, progress=False, decode_workers=0)
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a decode thread pool for one file")
+
+    monkeypatch.setattr("pneumoscope.serve.predict.ThreadPoolExecutor", no_pool)
+    got = predictor.predict_files([first], batch_size=4, progress=False)  # default: workers
+    assert [r.to_dict() for r in got] == [r.to_dict() for r in want]
+    with pytest.raises(AssertionError, match="thread pool"):  # two files still overlap
+        predictor.predict_files(sorted(many.iterdir())[:2], batch_size=1, progress=False)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
 def test_interrupted_run_keeps_its_rows_and_resumes_without_duplicates(
         predictor: Predictor, many: Path, tmp_path: Path, suffix: str) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -279,8 +279,12 @@ class Predictor:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if decode_workers is not None and decode_workers < 0:
             raise ValueError(f"decode_workers must be >= 0, got {decode_workers}")
-        entries = (e if isinstance(e, InputEntry) else file_entry(e) for e in inputs)
-        if decode_workers == 0:
+        entries: Iterator[InputEntry] = (e if isinstance(e, InputEntry) else file_entry(e) for e in inputs)
+        head = list(islice(entries, 2))
+        entries = chain(head, entries)
+        # One file has nothing to overlap: a decode thread would only add its start-up and compete
+        # with the model's threads for the cores (the tail of a batch-1 call, speed2's predict).
+        if decode_workers == 0 or len(head) < 2:
             while chunk := list(islice(entries, batch_size)):
                 yield self._rows(chunk, [self._decode(e) for e in chunk])
             return
