@@ -274,7 +274,8 @@ class Predictor:
 
         ``decode_workers``: threads that decode the next batch while the model runs this one
         (Pillow, pydicom and numpy release the GIL for the heavy parts); None: up to 4, by the
-        cores available; 0: decode in this thread, one file after the other."""
+        cores available; 0: decode in this thread, one file after the other (as a single input
+        always is)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if decode_workers is not None and decode_workers < 0:
