@@ -125,6 +125,21 @@ def specificity_by_series(predictions: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def seed_summary(per_seed: list[dict[str, Any]], labels: Any, probs: list[np.ndarray],
+                 thresholds: list[float], seed_kind: str) -> dict[str, Any]:
+    """The result file's metric block: mean threshold and metrics over seeds, the test-bootstrap
+    CIs of the seed mean (at each seed's threshold and at 0.5), seed range, subtype recall."""
+    mean, mean_05, spread, subtype_recall = over_seeds(per_seed)
+    return {
+        "threshold": float(np.mean(thresholds)),
+        "threshold_method": f"{per_seed[0]['threshold_method']} on each {seed_kind}'s validation split"
+        .replace("youden", "Youden's J"),
+        "metrics": mean, "ci95": seed_mean_ci(labels, probs, thresholds),
+        "ci95_at_0.5": seed_mean_ci(labels, probs, [0.5] * len(probs)),
+        "seed_range": spread, "metrics_at_0.5": mean_05, "subtype_recall": subtype_recall,
+        "seeds": per_seed}
+
+
 def over_seeds(per_seed: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float],
                                                         dict[str, list[float]], dict[str, float]]:
     """Mean over seeds (at each seed's threshold and at 0.5), seed range, subtype recall."""
@@ -174,16 +189,9 @@ def run_recipe(name: str, root: str, seeds: list[int], out: Path, *,
     # Training time of the seeds (from their run folders), not of this summary.
     wall = sum(s["wall_time_s"] for s in per_seed) if from_runs else time.perf_counter() - start
     assert labels is not None
-    mean, mean_05, spread, subtype_recall = over_seeds(per_seed)
     return {
         "model": "efficientnet_lite0", "recipe": name, "dataset": recipe["dataset"], "split": "test",
-        "threshold": float(np.mean(thresholds)),
-        "threshold_method": f"{per_seed[0]['threshold_method']} on each seed's validation split"
-        .replace("youden", "Youden's J"),
-        "metrics": mean, "ci95": seed_mean_ci(labels, probs, thresholds),
-        "ci95_at_0.5": seed_mean_ci(labels, probs, [0.5] * len(probs)),
-        "seed_range": spread, "metrics_at_0.5": mean_05, "subtype_recall": subtype_recall,
-        "seeds": per_seed, "wall_time_s": round(wall, 1),
+        **seed_summary(per_seed, labels, probs, thresholds, "seed"), "wall_time_s": round(wall, 1),
         "wall_time_per_seed_s": [s["wall_time_s"] for s in per_seed],
         "hardware": hardware(), "versions": versions(),
         # With --from-runs, the command that trains (and reproduces) these runs.
@@ -267,20 +275,14 @@ def run_round3(root: str, split_seeds: list[int], runs: Path) -> dict[str, Any]:
                              part: series_specificity(s.records, s.labels, p, threshold)
                              for part, s, p in (("val", val, val_probs), ("test", test, test_probs))}})
     assert labels is not None
-    mean, mean_05, spread, subtype_recall = over_seeds(per_seed)
     members = len(candidate.seeds)
     what = f"a deep ensemble of {members} members" if members > 1 else "one model"
     return {
         "model": candidate.model, "recipe": f"{ROUND3}/{name}", "candidate": name,
         "dataset": "Kermany chest_xray (official test)", "split": "test",
         "ensemble_members": members, "tta": [v.name for v in views] if views else None,
-        "threshold": float(np.mean(thresholds)),
-        "threshold_method": f"{per_seed[0]['threshold_method']} on each split seed's validation split"
-        .replace("youden", "Youden's J"),
-        "metrics": mean, "ci95": seed_mean_ci(labels, probs, thresholds),
-        "ci95_at_0.5": seed_mean_ci(labels, probs, [0.5] * len(probs)),
-        "seed_range": spread, "metrics_at_0.5": mean_05, "subtype_recall": subtype_recall,
-        "seeds": per_seed, "wall_time_s": round(sum(s["wall_time_s"] for s in per_seed), 1),
+        **seed_summary(per_seed, labels, probs, thresholds, "split seed"),
+        "wall_time_s": round(sum(s["wall_time_s"] for s in per_seed), 1),
         "wall_time_per_seed_s": [s["wall_time_s"] for s in per_seed],
         "hardware": hardware(), "versions": versions(),
         "command": shlex.join([sys.executable, *sys.argv]),
