@@ -64,6 +64,7 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,18 @@ def choose(results: dict[str, dict[str, Any]]) -> str:
     return first if crit(first) >= crit(best) - MARGIN else best
 
 
+def write_result(stem: Path, result: dict[str, Any], to_markdown: Callable[[dict[str, Any]], str]) -> Path:
+    """``stem``.json and .md, with hardware, versions, the command and the time added; the .md path."""
+    result = {**result, "hardware": hardware(), "versions": versions(),
+              "command": shlex.join([sys.executable, *sys.argv]),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    md = stem.with_suffix(".md")
+    md.write_text(to_markdown(result))
+    return md
+
+
 def markdown(result: dict[str, Any]) -> str:
     families = ", ".join(result["criterion_families"])
     lines = ["# Recipe search on validation only (Kermany, EfficientNet-Lite0, seed 0)", "",
@@ -362,15 +375,9 @@ def main_round3(args: argparse.Namespace) -> None:
               "criterion_families": list(families),
               "families": sorted({f for f, _ in STRESS_TESTS.values()}), "margin": MARGIN,
               "budget_s": BUDGET_S, "chosen_recipe": chosen,
-              "chosen_threshold_rule": results[chosen]["threshold_rules"]["chosen"],
-              "hardware": hardware(), "versions": versions(),
-              "command": shlex.join([sys.executable, *sys.argv]),
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe-search-kermany-r3.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "recipe-search-kermany-r3.md").write_text(markdown_round3(result))
-    logging.info("round 3 chosen: %s; wrote %s", chosen, out / "recipe-search-kermany-r3.md")
+              "chosen_threshold_rule": results[chosen]["threshold_rules"]["chosen"]}
+    md = write_result(Path(args.out) / "recipe-search-kermany-r3", result, markdown_round3)
+    logging.info("round 3 chosen: %s; wrote %s", chosen, md)
 
 
 def markdown_round3(result: dict[str, Any]) -> str:
@@ -446,15 +453,9 @@ def main() -> None:
               "candidates": results, "criterion_families": list(families),
               "families": sorted({f for f, _ in STRESS_TESTS.values()}), "margin": MARGIN,
               "chosen_recipe": chosen, "chosen_threshold_rule": rule,
-              "chosen_overrides": overrides,
-              "hardware": hardware(), "versions": versions(),
-              "command": shlex.join([sys.executable, *sys.argv]),
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe-search-kermany.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "recipe-search-kermany.md").write_text(markdown(result))
-    logging.info("chosen: %s with %s; wrote %s", chosen, rule, out / "recipe-search-kermany.md")
+              "chosen_overrides": overrides}
+    md = write_result(Path(args.out) / "recipe-search-kermany", result, markdown)
+    logging.info("chosen: %s with %s; wrote %s", chosen, rule, md)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ accuracy.py (no training here)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,3 +41,20 @@ def test_ensemble_members_share_one_split_and_differ_in_seed(tmp_path: Path) -> 
     member = rs.round3_member_config("efficientnet_lite0", 0, 0, "data", tmp_path)
     assert member.run_dir == configs[0].run_dir
     assert all(c.eval.n_bootstrap == 200 and c.data.augment == "texture" for c in configs)
+
+
+def test_write_result_adds_provenance_and_writes_both_files(tmp_path: Path) -> None:
+    md = rs.write_result(tmp_path / "sub" / "search", {"chosen_recipe": "ens3"},
+                         lambda r: f"# chosen {r['chosen_recipe']} on {r['hardware']['cpu']}\n")
+    assert md == tmp_path / "sub" / "search.md" and md.read_text().startswith("# chosen ens3 on ")
+    saved = json.loads((tmp_path / "sub" / "search.json").read_text())
+    assert saved["chosen_recipe"] == "ens3"
+    assert {"hardware", "versions", "command", "finished"} <= set(saved)
+
+
+@pytest.mark.parametrize(("stem", "render"), [("recipe-search-kermany-r3", "markdown_round3"),
+                                               ("recipe-search-kermany", "markdown")])
+def test_saved_search_results_render_to_their_markdown(stem: str, render: str) -> None:
+    results = BENCHMARKS / "results"
+    saved = json.loads((results / f"{stem}.json").read_text())
+    assert getattr(rs, render)(saved) == (results / f"{stem}.md").read_text()
